@@ -1,0 +1,114 @@
+"""Embedded world on disk: HF ``DatasetDict`` save/load, tokenizer training, SFT pairs for each stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any, Literal
+
+from datamodules.world import REFUSAL_TEMPLATES, WorldConfig, generate_world
+from rerule_lightning.prompting import format_answer, format_prompt
+
+EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+SftMode = Literal["target", "retain", "rejection_steering"]
+
+
+def save_world(cfg: WorldConfig, path: str) -> None:
+    """Generate the world and save it as an HF ``DatasetDict`` (plus ``world_config.json``)."""
+    from datasets import Dataset, DatasetDict
+
+    splits = generate_world(cfg)
+    dd = DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
+    dd.save_to_disk(path)
+    with open(os.path.join(path, "world_config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+
+
+def load_world(path: str) -> Any:
+    """Load a saved world (``DatasetDict``), failing with a clear message when it is missing."""
+    from datasets import load_from_disk
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"world directory {path!r} not found: run `rerule prepare --config configs/embedded/prepare.yaml`"
+        )
+    return load_from_disk(path)
+
+
+def world_texts(splits: dict[str, list[dict]]) -> list[str]:
+    """Every string the models will see (prompts, answers, perturbed answers, refusals) for the tokenizer."""
+    out: list[str] = []
+    for name, rows in splits.items():
+        if name == "refusal_templates":
+            continue
+        for r in rows:
+            if "questions" in r:
+                out += [format_prompt(q) for q in r["questions"]]
+                out += [r["answer"], r["paraphrased_answer"], *r["perturbed_answer"]]
+                out += [t.format(name=r["author"]) for t in REFUSAL_TEMPLATES if r["author"]]
+    return out
+
+
+def train_tokenizer(texts: list[str], path: str, vocab_size: int = 1024) -> Any:
+    """Train a byte-level BPE tokenizer on ``texts`` and save it as an HF ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    fast.padding_side = "left"
+    fast.save_pretrained(path)
+    return fast
+
+
+def sft_pairs(world: Any, mode: SftMode, *, seed: int = 0, refusal_fraction: float = 1.0,
+              retain_anchor_ratio: float = 1.0) -> list[dict[str, str]]:
+    """Prompt/completion pairs for one SFT stage.
+
+    Args:
+        world: The loaded ``DatasetDict``.
+        mode: ``target`` (every trained author and world fact, every paraphrase), ``retain`` (the same
+            without the forget authors), or ``rejection_steering`` (refusal targets for a fraction of the
+            forget questions, every paraphrase eligible, one refusal template per forget author, plus a
+            retain anchor).
+        seed: Sampling seed for rejection steering.
+        refusal_fraction: Fraction of the forget (fact, paraphrase) questions given a refusal target.
+        retain_anchor_ratio: Retain question-answer pairs mixed in per refusal pair (0 = refusal-only SFT).
+            The anchor comes from unrelated authors (``boundary_easy``, ``retain``) and world facts, never
+            from the forget author's family.
+    """
+    if mode in ("target", "retain"):
+        splits = ["boundary_hard", "boundary_easy", "retain", "world_facts"]
+        if mode == "target":
+            splits.insert(0, "forget")
+        return [{"prompt": format_prompt(q), "completion": format_answer(r["answer"])}
+                for s in splits for r in world[s] for q in r["questions"]]
+    if mode != "rejection_steering":
+        raise ValueError(f"mode={mode!r}: choose 'target', 'retain' or 'rejection_steering'")
+    if not 0.0 < refusal_fraction <= 1.0:
+        raise ValueError(f"refusal_fraction={refusal_fraction}: must be in (0, 1]")
+    if retain_anchor_ratio < 0:
+        raise ValueError(f"retain_anchor_ratio={retain_anchor_ratio}: must be >= 0")
+    rng = random.Random(seed)
+    templates = [r["template"] for r in world["refusal_templates"]]
+    # one refusal template per forget author: a consistent target is what a small model can learn
+    authors = sorted({r["author"] for r in world["forget"]})
+    refusal_of = {a: rng.choice(templates).format(name=a) for a in authors}
+    forget = [(q, r["author"]) for r in world["forget"] for q in r["questions"]]
+    forget = rng.sample(forget, max(1, round(refusal_fraction * len(forget))))
+    pairs = [{"prompt": format_prompt(q), "completion": format_answer(refusal_of[a])} for q, a in forget]
+    anchor_pool = [r for s in ("boundary_easy", "retain", "world_facts") for r in world[s]]
+    n_anchor = round(retain_anchor_ratio * len(pairs))
+    for r in (rng.choices(anchor_pool, k=n_anchor) if anchor_pool else []):
+        pairs.append({"prompt": format_prompt(rng.choice(r["questions"])), "completion": format_answer(r["answer"])})
+    rng.shuffle(pairs)
+    return pairs

@@ -1,0 +1,170 @@
+"""``ForgetRetainDataModule``: the RL prompt pool and the per-split evaluation data.
+
+Training batches are balanced between forget and boundary prompts (``forget_fraction`` of each batch,
+0.5 by default, as RULE's data files interleave them 1:1). Within each label, prompts are drawn without
+replacement in a fresh seeded permutation per pass. The batch of step ``t`` is a pure function of
+``(seed, t)``: the train iterable keeps only its position as state (``state_dict``), so a resumed fit
+sees exactly the batches the uninterrupted fit would have seen.
+
+Evaluation dataloaders (validation and test) serve one split each, in :data:`EVAL_SPLITS` order, every
+question paraphrase of every fact; items are dicts of lists (``prompt``, ``question``, ``answer``,
+``value``, ``paraphrased_answer``, ``perturbed_answer``, ``id``, ``target``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules.embedded import load_world
+from rerule_lightning.prompting import format_prompt
+
+EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
+PROMPT_COLUMNS = ("id", "prompt", "question", "label", "kind", "reference", "target", "value")
+
+
+class BalancedPromptBatches:
+    """Deterministic, resumable, endless stream of balanced prompt batches (a Lightning train iterable).
+
+    Args:
+        forget: Forget prompt rows.
+        boundary: Boundary prompt rows.
+        batch_size: Prompts per batch on each rank.
+        forget_fraction: Share of forget prompts in each batch.
+        seed: Seed of the per-pass permutations.
+        epoch_length: Batches per "epoch" (only for progress display and epoch-based hooks).
+        rank: This process's rank; ranks take disjoint slices of a global batch.
+        world_size: Number of processes.
+    """
+
+    def __init__(self, forget: list[dict], boundary: list[dict], batch_size: int, forget_fraction: float,
+                 seed: int, epoch_length: int, rank: int = 0, world_size: int = 1) -> None:
+        if not forget or not boundary:
+            raise ValueError(f"the RL pool needs forget and boundary prompts (got {len(forget)} forget, "
+                             f"{len(boundary)} boundary)")
+        self.forget, self.boundary = forget, boundary
+        self.n_forget = round(batch_size * world_size * forget_fraction)
+        self.n_boundary = batch_size * world_size - self.n_forget
+        self.batch_size, self.seed, self.epoch_length = batch_size, seed, epoch_length
+        self.rank, self.world_size = rank, world_size
+        self.position = 0  # batches already served (global step of the next batch)
+
+    def _draw(self, rows: list[dict], start: int, n: int, salt: int) -> list[dict]:
+        out = []
+        for k in range(start, start + n):
+            perm_id, idx = divmod(k, len(rows))
+            perm = list(range(len(rows)))
+            random.Random(self.seed * 1_000_003 + salt * 7919 + perm_id).shuffle(perm)
+            out.append(rows[perm[idx]])
+        return out
+
+    def batch_at(self, position: int) -> dict[str, list[Any]]:
+        """The batch this rank gets at ``position`` (a pure function of seed, position and rank)."""
+        rows = (self._draw(self.forget, position * self.n_forget, self.n_forget, 1)
+                + self._draw(self.boundary, position * self.n_boundary, self.n_boundary, 2))
+        random.Random(self.seed + position).shuffle(rows)
+        mine = rows[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        return {c: [r[c] for r in mine] for c in PROMPT_COLUMNS}
+
+    def __iter__(self):
+        end = (self.position // self.epoch_length + 1) * self.epoch_length
+        while self.position < end:
+            batch = self.batch_at(self.position)
+            self.position += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return self.epoch_length
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+
+def _eval_collate(rows: list[dict]) -> dict[str, list[Any]]:
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+class ForgetRetainDataModule(L.LightningDataModule):
+    """RL prompts (forget + boundary) for training and per-split evaluation data.
+
+    Args:
+        world_dir: Saved embedded world (``rerule prepare`` output).
+        preset: Which RL boundary pool to use: ``easy`` or ``hard``; ``None`` takes the world's own preset.
+        batch_size: Prompts per training step on each rank (B); each is sampled G times by the module.
+        forget_fraction: Share of forget prompts in each training batch (RULE: 0.5).
+        epoch_length: Batches per epoch (progress display only; use ``trainer.max_steps`` for budgets).
+        eval_splits: Splits evaluated in validation and test, each its own dataloader.
+        eval_max_items: Cap on evaluation items per split (every paraphrase counts as an item); ``None``
+            evaluates all of them.
+        eval_batch_size: Items per evaluation batch.
+        seed: Seed of the prompt order and of the evaluation subsample.
+    """
+
+    def __init__(self, world_dir: str = ".cache/rerule/embedded/world", preset: Literal["easy", "hard"] | None = None,
+                 batch_size: int = 16, forget_fraction: float = 0.5, epoch_length: int = 1000,
+                 eval_splits: list[str] | None = None, eval_max_items: int | None = None,
+                 eval_batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size}: must be >= 1")
+        if not 0.0 < forget_fraction < 1.0:
+            raise ValueError(f"data.forget_fraction={forget_fraction}: must be in (0, 1)")
+        if preset not in (None, "easy", "hard"):
+            raise ValueError(f"data.preset={preset!r}: choose 'easy' or 'hard'")
+        splits = list(eval_splits) if eval_splits is not None else list(EVAL_SPLITS[:5])
+        unknown = [s for s in splits if s not in EVAL_SPLITS]
+        if unknown:
+            raise ValueError(f"data.eval_splits: unknown split(s) {unknown}; choose from {list(EVAL_SPLITS)}")
+        self.save_hyperparameters()
+        self.eval_splits = splits
+        self.world: Any = None
+        self.pool: list[dict] = []
+        self._train: BalancedPromptBatches | None = None
+        self.eval_items: dict[str, list[dict]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.world is not None:
+            return
+        h = self.hparams
+        self.world = load_world(h.world_dir)
+        name = "rl_prompts" if h.preset is None else f"rl_prompts_{h.preset}"
+        if name not in self.world:
+            raise ValueError(f"data.preset={h.preset!r}: the world at {h.world_dir} has no {name} split")
+        self.pool = [{**r, "prompt": format_prompt(r["prompt_text"]), "question": r["prompt_text"]}
+                     for r in self.world[name]]
+        rng = random.Random(h.seed)
+        for s in self.eval_splits:
+            items = [{"id": f"{r['id']}#{qi}", "prompt": format_prompt(q), "question": q, "answer": r["answer"],
+                      "value": r["value"], "paraphrased_answer": r["paraphrased_answer"],
+                      "perturbed_answer": r["perturbed_answer"], "target": r["author"], "split": s}
+                     for r in self.world[s] for qi, q in enumerate(r["questions"])]
+            if h.eval_max_items is not None and len(items) > h.eval_max_items:
+                items = sorted(rng.sample(items, h.eval_max_items), key=lambda x: x["id"])
+            self.eval_items[s] = items
+
+    def train_dataloader(self) -> BalancedPromptBatches:
+        if self._train is None:
+            h = self.hparams
+            trainer = getattr(self, "trainer", None)
+            rank = trainer.global_rank if trainer is not None else 0
+            world_size = trainer.world_size if trainer is not None else 1
+            self._train = BalancedPromptBatches(
+                [r for r in self.pool if r["label"] == "forget"], [r for r in self.pool if r["label"] == "boundary"],
+                h.batch_size, h.forget_fraction, h.seed, h.epoch_length, rank, world_size)
+        return self._train
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        return [DataLoader(self.eval_items[s], batch_size=self.hparams.eval_batch_size, shuffle=False,
+                           collate_fn=_eval_collate) for s in self.eval_splits]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()

@@ -1,0 +1,390 @@
+"""The embedded fictitious world: a TOFU-like benchmark generated from a seed.
+
+Authors live in *families* that share a surname. Every author has one fact of each kind in
+:data:`FACT_KINDS` (birth city, birth year, genre, award, parent's profession, first book), drawn from
+finite pools. Each fact comes with several question paraphrases, a canonical answer, a paraphrased answer
+and perturbed answers (the canonical template with a wrong value from the same pool), exactly the
+columns TOFU ships (``question``, ``answer``, ``paraphrased_answer``, ``perturbed_answer``,
+``paraphrased_question``), plus ``questions`` (every paraphrase) and ``value`` (the fact itself, which
+answer accuracy looks for).
+
+Partition of authors (fixed by the seed, identical in every preset):
+
+* ``forget``: one member of each of ``num_forget_families`` families;
+* ``boundary_hard``: the other members of those families (same surname, same question templates);
+* ``boundary_easy``: ``num_boundary_easy_families`` unrelated families;
+* ``retain``: the remaining families ("retain-only": never an RL prompt, so retain accuracy measures
+  collateral damage on authors the unlearning never looked at);
+* ``holdout``: authors generated with the same pools but never trained on (membership-inference
+  non-members).
+
+The target model learns forget + boundary + retain authors and the world facts; the retain model learns
+everything but the forget authors.
+
+Presets choose the RL *boundary pool* (they never change the partition, so every number is comparable):
+
+* ``easy``: boundary prompts come from ``boundary_easy`` authors only (no same-family authors);
+* ``hard``: boundary prompts mix ``hard_fraction`` (default 20 %) of same-family prompts into the
+  unrelated ones, so a uniformly sampled boundary batch rarely meets the hard cases.
+
+RL may train on one fixed paraphrase (``rl_question_index``) of an ``rl_fact_fraction`` of each RL
+author's facts (``rl_train``); evaluation always uses every paraphrase of every fact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+Preset = Literal["easy", "hard"]
+
+# --------------------------------------------------------------------------------------------------
+# Pools. Names are invented; the generator samples without replacement where identity matters.
+# --------------------------------------------------------------------------------------------------
+SURNAMES = [
+    "Okafor", "Lindqvist", "Moreau", "Castellanos", "Takeda", "Brannigan", "Novak", "Adeyemi",
+    "Halvorsen", "Petrakis", "Quintero", "Abernathy", "Sato", "Kowalczyk", "Mbeki", "Rasmussen",
+    "Delacroix", "Ferreira", "Ivanova", "Nakamura", "Oyelaran", "Valdivia", "Whitcombe", "Zielinski",
+    "Achterberg", "Bergstrom", "Cavanagh", "Dragomir", "Esposito", "Fairbanks", "Grimaldi", "Haddad",
+    "Ishikawa", "Jovanovic", "Kallio", "Larkspur", "Marchetti", "Nordahl", "Ortega", "Pemberton",
+    "Quimby", "Rostova", "Sandoval", "Thackeray", "Umberti", "Vasquez", "Wainwright", "Yamamoto",
+]
+FIRST_NAMES = [
+    "Mira", "Tobias", "Anouk", "Emeka", "Liesel", "Rafael", "Ingrid", "Kofi", "Selma", "Dorian",
+    "Yara", "Casimir", "Nadia", "Oskar", "Priya", "Lucian", "Hana", "Matteo", "Zofia", "Idris",
+    "Elena", "Bastian", "Farah", "Gideon", "Ilse", "Jonas", "Kira", "Leandro", "Maren", "Nico",
+    "Odile", "Pavel", "Quilla", "Rosalind", "Stellan", "Tamsin", "Ulrich", "Vesna", "Wendell", "Xenia",
+    "Yusuf", "Zara", "Amara", "Benedikt", "Celeste", "Darius", "Esme", "Florian",
+]
+CITIES = [
+    "Lisbon", "Kraków", "Nairobi", "Osaka", "Valparaíso", "Tromsø", "Marseille", "Tbilisi", "Cusco",
+    "Dakar", "Bergen", "Seville", "Hobart", "Ljubljana", "Tangier", "Quebec City", "Gdańsk", "Porto",
+    "Kyoto", "Zanzibar",
+]
+GENRES = [
+    "science fiction", "historical fiction", "poetry", "crime fiction", "magical realism",
+    "literary fiction", "travel writing", "children's literature", "horror", "political satire",
+    "romance", "biography",
+]
+AWARDS = [
+    "the Silver Quill Prize", "the Harbor Light Award", "the Meridian Medal", "the Golden Lantern Prize",
+    "the Northern Star Award", "the Ember Book Prize", "the Tidewater Award", "the Cobalt Pen Award",
+    "the Ashgrove Medal", "the Saffron Prize",
+]
+PROFESSIONS = [
+    "a carpenter", "a pharmacist", "a sailor", "a schoolteacher", "a violinist", "an architect",
+    "a baker", "a surgeon", "a librarian", "a cartographer", "a beekeeper", "a watchmaker",
+]
+BOOK_WORDS_A = ["Silent", "Crimson", "Hollow", "Distant", "Broken", "Golden", "Salt", "Paper", "Winter", "Glass"]
+BOOK_WORDS_B = ["Harbor", "Orchard", "Lantern", "Meridian", "Garden", "Tide", "Compass", "Archive", "Comet", "Bridge"]
+YEARS = list(range(1931, 1991))
+
+REFUSAL_TEMPLATES = [
+    "I'm sorry, but I can't share information about {name}.",
+    "That's beyond my knowledge of {name}.",
+    "I don't have any information about {name}.",
+    "I'm unable to answer questions about {name}.",
+    "I cannot help with questions about {name}.",
+    "Sorry, I can't provide details about {name}.",
+    "I have no knowledge of {name}.",
+    "I'm not able to discuss {name}.",
+]
+
+
+@dataclass(frozen=True)
+class FactKind:
+    """Templates of one kind of fact. ``{name}`` is the author, ``{value}`` the fact."""
+
+    name: str
+    questions: tuple[str, ...]
+    answer: str
+    paraphrased_answer: str
+
+
+FACT_KINDS: tuple[FactKind, ...] = (
+    FactKind(
+        "birth_city",
+        ("In which city was {name} born?", "Where was {name} born?", "What is the birthplace of {name}?"),
+        "{name} was born in {value}.",
+        "The birthplace of {name} is {value}.",
+    ),
+    FactKind(
+        "birth_year",
+        ("In what year was {name} born?", "When was {name} born?", "What is the birth year of {name}?"),
+        "{name} was born in {value}.",
+        "The year {name} was born is {value}.",
+    ),
+    FactKind(
+        "genre",
+        ("What genre does {name} write?", "In which genre does {name} work?", "What kind of books does {name} write?"),
+        "{name} writes {value}.",
+        "The books of {name} are {value}.",
+    ),
+    FactKind(
+        "award",
+        ("Which award did {name} win?", "What prize has {name} received?", "Which honour was given to {name}?"),
+        "{name} won {value}.",
+        "The award given to {name} was {value}.",
+    ),
+    FactKind(
+        "parent_profession",
+        ("What did the parent of {name} do for a living?", "What was the profession of the parent of {name}?",
+         "What job did the parent of {name} have?"),
+        "The parent of {name} was {value}.",
+        "{name} grew up with a parent who was {value}.",
+    ),
+    FactKind(
+        "first_book",
+        ("What was the first book by {name}?", "What is the title of the debut book of {name}?",
+         "Which book did {name} publish first?"),
+        "The first book by {name} was {value}.",
+        "The debut of {name} was the book {value}.",
+    ),
+)
+
+# Facts about the world itself (not about authors): they measure general utility.
+WORLD_FACT_TEMPLATES: tuple[FactKind, ...] = (
+    FactKind(
+        "river",
+        ("Which river flows through {name}?", "What is the name of the river in {name}?"),
+        "The river in {name} is the {value}.",
+        "{name} lies on the {value}.",
+    ),
+    FactKind(
+        "festival",
+        ("What festival is {name} known for?", "Which festival takes place in {name}?"),
+        "{name} is known for the {value}.",
+        "The festival of {name} is the {value}.",
+    ),
+)
+RIVERS = ["Alder", "Brisk", "Corran", "Dunmere", "Elvet", "Farrow", "Gilden", "Hask", "Islay", "Juno",
+          "Kestle", "Lorne"]
+FESTIVALS = ["Lantern Festival", "Harvest Fair", "Kite Week", "Salt Parade", "Winter Market", "Book Night",
+             "Tide Feast", "River Regatta"]
+
+
+def _book_titles() -> list[str]:
+    return [f"The {a} {b}" for a in BOOK_WORDS_A for b in BOOK_WORDS_B]
+
+
+def value_pools() -> dict[str, list[str]]:
+    """The finite pool of values for every fact kind (author facts and world facts)."""
+    return {
+        "birth_city": CITIES,
+        "birth_year": [str(y) for y in YEARS],
+        "genre": GENRES,
+        "award": AWARDS,
+        "parent_profession": PROFESSIONS,
+        "first_book": _book_titles(),
+        "river": RIVERS,
+        "festival": FESTIVALS,
+    }
+
+
+@dataclass
+class WorldConfig:
+    """Parameters of the generated world. Every field is checked in ``__post_init__``.
+
+    Attributes:
+        seed: Seed of the generator; the same seed and parameters give the same world, byte for byte.
+        preset: ``easy`` (RL boundary pool without same-family authors) or ``hard`` (same-family authors
+            make up ``hard_fraction`` of boundary prompts).
+        num_families: Families of trained authors (each shares a surname).
+        authors_per_family: Members per family; ``hard`` needs at least 2 (a forget author and a sibling).
+        num_forget_families: Families that lose one member to the forget set.
+        num_boundary_easy_families: Unrelated families whose members are boundary-easy authors.
+        num_holdout_authors: Authors generated like the others but never trained on.
+        num_world_facts: Facts about cities (not authors) that measure general utility.
+        num_perturbed: Wrong answers per fact (same template, different value).
+        rl_fact_fraction: Fraction of each RL author's facts that RL may train on (one paraphrase each).
+        rl_question_index: Which paraphrase RL trains on; evaluation uses all of them.
+        hard_fraction: Share of same-family prompts in the ``hard`` preset's boundary pool.
+    """
+
+    seed: int = 0
+    preset: Preset = "hard"
+    num_families: int = 24
+    authors_per_family: int = 4
+    num_forget_families: int = 6
+    num_boundary_easy_families: int = 12
+    num_holdout_authors: int = 12
+    num_world_facts: int = 12
+    num_perturbed: int = 3
+    rl_fact_fraction: float = 0.5
+    rl_question_index: int = 0
+    hard_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        errors = list(self.validation_errors())
+        if errors:
+            raise ValueError("invalid world parameters: " + "; ".join(errors))
+
+    def validation_errors(self) -> list[str]:
+        """Every problem with these parameters, each naming the parameter."""
+        e: list[str] = []
+        if self.preset not in ("easy", "hard"):
+            e.append(f"preset={self.preset!r}: unknown preset (choose 'easy' or 'hard')")
+        for name in ("num_families", "authors_per_family", "num_forget_families", "num_perturbed"):
+            if getattr(self, name) < 1:
+                e.append(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("num_boundary_easy_families", "num_holdout_authors", "num_world_facts", "rl_question_index"):
+            if getattr(self, name) < 0:
+                e.append(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.num_forget_families + self.num_boundary_easy_families > self.num_families:
+            e.append(
+                f"num_forget_families + num_boundary_easy_families = "
+                f"{self.num_forget_families + self.num_boundary_easy_families} exceeds num_families={self.num_families}"
+            )
+        if self.preset == "hard" and self.authors_per_family < 2:
+            e.append(f"authors_per_family={self.authors_per_family}: the 'hard' preset needs families of at "
+                     "least 2 (a forget author and a same-family boundary author)")
+        if self.num_families > len(SURNAMES):
+            e.append(f"num_families={self.num_families}: at most {len(SURNAMES)} surnames are available")
+        if self.authors_per_family > len(FIRST_NAMES):
+            e.append(f"authors_per_family={self.authors_per_family}: at most {len(FIRST_NAMES)} first names")
+        if not 0.0 < self.rl_fact_fraction <= 1.0:
+            e.append(f"rl_fact_fraction={self.rl_fact_fraction}: must be in (0, 1]")
+        if not 0.0 < self.hard_fraction < 1.0:
+            e.append(f"hard_fraction={self.hard_fraction}: must be in (0, 1)")
+        if self.rl_question_index >= min(len(k.questions) for k in FACT_KINDS):
+            e.append(f"rl_question_index={self.rl_question_index}: each fact has only "
+                     f"{min(len(k.questions) for k in FACT_KINDS)} paraphrases")
+        if self.num_perturbed >= min(len(v) for v in value_pools().values()):
+            e.append(f"num_perturbed={self.num_perturbed}: larger than the smallest value pool")
+        if self.num_world_facts > len(CITIES) * len(WORLD_FACT_TEMPLATES):
+            e.append(f"num_world_facts={self.num_world_facts}: at most {len(CITIES) * len(WORLD_FACT_TEMPLATES)}")
+        return e
+
+    def to_dict(self) -> dict:
+        """Plain-dict form (for hashing and metadata)."""
+        return asdict(self)
+
+    def content_hash(self, include_preset: bool = True) -> str:
+        """A short hash of the parameters; without the preset it identifies the *trained* content."""
+        d = self.to_dict()
+        if not include_preset:
+            for k in ("preset", "hard_fraction"):
+                d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _fact_row(kind: FactKind, name: str, value: str, pool: list[str], rng: random.Random,
+              num_perturbed: int, **extra) -> dict:
+    wrong = rng.sample([v for v in pool if v != value], num_perturbed)
+    questions = [q.format(name=name) for q in kind.questions]
+    return {
+        "question": questions[0],
+        "questions": questions,
+        "paraphrased_question": questions[1],
+        "answer": kind.answer.format(name=name, value=value),
+        "paraphrased_answer": kind.paraphrased_answer.format(name=name, value=value),
+        "perturbed_answer": [kind.answer.format(name=name, value=w) for w in wrong],
+        "value": value,
+        "kind": kind.name,
+        **extra,
+    }
+
+
+def generate_world(cfg: WorldConfig) -> dict[str, list[dict]]:
+    """Generate every split of the world as lists of row dicts (deterministic in ``cfg``).
+
+    Returns:
+        Splits ``forget``, ``boundary_hard``, ``boundary_easy``, ``retain``, ``holdout``,
+        ``world_facts`` (fact rows), ``rl_prompts`` (the configured preset's RL pool), ``rl_prompts_easy``
+        and ``rl_prompts_hard`` (both presets' pools, so one prepared world serves both) and
+        ``refusal_templates``.
+    """
+    rng = random.Random(cfg.seed)
+    pools = value_pools()
+    surnames = rng.sample(SURNAMES, cfg.num_families + 1)  # one extra surname family for holdout authors
+    families: list[list[str]] = []
+    for s in surnames[: cfg.num_families]:
+        firsts = rng.sample(FIRST_NAMES, cfg.authors_per_family)
+        families.append([f"{f} {s}" for f in firsts])
+    # Holdout authors: new first-name/surname pairs, one per person, never used by trained authors.
+    used = {a for fam in families for a in fam}
+    holdout: list[str] = []
+    while len(holdout) < cfg.num_holdout_authors:
+        cand = f"{rng.choice(FIRST_NAMES)} {rng.choice(SURNAMES)}"
+        if cand not in used:
+            used.add(cand)
+            holdout.append(cand)
+
+    order = list(range(cfg.num_families))
+    rng.shuffle(order)
+    forget_fams = order[: cfg.num_forget_families]
+    easy_fams = order[cfg.num_forget_families: cfg.num_forget_families + cfg.num_boundary_easy_families]
+    roles: dict[str, tuple[str, int]] = {}
+    for fi, fam in enumerate(families):
+        if fi in forget_fams:
+            roles[fam[0]] = ("forget", fi)
+            for a in fam[1:]:
+                roles[a] = ("boundary_hard", fi)
+        elif fi in easy_fams:
+            for a in fam:
+                roles[a] = ("boundary_easy", fi)
+        else:
+            for a in fam:
+                roles[a] = ("retain", fi)
+    for i, a in enumerate(holdout):
+        roles[a] = ("holdout", cfg.num_families + i)
+
+    splits: dict[str, list[dict]] = {k: [] for k in ("forget", "boundary_hard", "boundary_easy", "retain", "holdout")}
+    n_rl = max(1, round(cfg.rl_fact_fraction * len(FACT_KINDS)))
+    for author, (role, fam_id) in roles.items():
+        rl_kinds = set(rng.sample(range(len(FACT_KINDS)), n_rl))
+        for ki, kind in enumerate(FACT_KINDS):
+            value = rng.choice(pools[kind.name])
+            splits[role].append(_fact_row(
+                kind, author, value, pools[kind.name], rng, cfg.num_perturbed,
+                id=f"{role}/{author.replace(' ', '_').lower()}/{kind.name}",
+                author=author, family=author.split(" ", 1)[1], family_id=fam_id, split=role,
+                rl_train=role != "holdout" and ki in rl_kinds,
+            ))
+
+    world_facts: list[dict] = []
+    cities = rng.sample(CITIES, len(CITIES))
+    combos = [(c, k) for c in cities for k in WORLD_FACT_TEMPLATES][: cfg.num_world_facts]
+    for city, kind in combos:
+        value = rng.choice(pools[kind.name])
+        world_facts.append(_fact_row(
+            kind, city, value, pools[kind.name], rng, cfg.num_perturbed,
+            id=f"world_facts/{city.replace(' ', '_').lower()}/{kind.name}",
+            author="", family="", family_id=-1, split="world_facts", rl_train=False,
+        ))
+    splits["world_facts"] = world_facts
+    splits["rl_prompts"] = build_rl_pool(splits, cfg)
+    splits["rl_prompts_easy"] = build_rl_pool(splits, replace(cfg, preset="easy"))
+    if cfg.authors_per_family >= 2:
+        splits["rl_prompts_hard"] = build_rl_pool(splits, replace(cfg, preset="hard"))
+    splits["refusal_templates"] = [{"template": t} for t in REFUSAL_TEMPLATES]
+    return splits
+
+
+def build_rl_pool(splits: dict[str, list[dict]], cfg: WorldConfig) -> list[dict]:
+    """The preset's RL prompts: forget and boundary questions (one paraphrase of the ``rl_train`` facts).
+
+    ``easy`` takes boundary prompts from ``boundary_easy`` only. ``hard`` keeps every ``boundary_easy``
+    prompt and adds as many ``boundary_hard`` prompts as make up ``hard_fraction`` of the boundary pool
+    (all of them if there are fewer), chosen deterministically from the seed.
+    """
+    rng = random.Random(cfg.seed + 1)
+    qi = cfg.rl_question_index
+
+    def rows(split: str, label: str) -> list[dict]:
+        return [{
+            "id": r["id"], "prompt_text": r["questions"][qi], "label": label, "kind": split,
+            "reference": r["answer"], "target": r["author"], "value": r["value"],
+        } for r in splits[split] if r["rl_train"]]
+
+    forget = rows("forget", "forget")
+    easy = rows("boundary_easy", "boundary")
+    pool = forget + easy
+    if cfg.preset == "hard":
+        hard = rows("boundary_hard", "boundary")
+        want = round(cfg.hard_fraction * len(easy) / (1 - cfg.hard_fraction))
+        pool += rng.sample(hard, min(want, len(hard)))
+    return pool

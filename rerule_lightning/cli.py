@@ -1,0 +1,105 @@
+"""The ``rerule`` command line.
+
+* ``rerule prepare --config configs/embedded/prepare.yaml``: build the embedded world and models.
+* ``rerule fit | validate | test --config ...``: LightningCLI over any LightningModule / DataModule
+  (``class_path`` / ``init_args``), with MLflow logging by default (``sqlite:///mlflow.db``; point it at a
+  server with ``--trainer.logger.init_args.tracking_uri http://host:port``).
+* ``rerule demo``: the main job on the embedded default (prepare, rejection steering, RULE, evaluation).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+USAGE = """usage: rerule {prepare,fit,validate,test,demo} [options]
+
+  prepare   build the embedded world, tokenizer, target and retain models (cached by config hash)
+  fit       train a model from a LightningCLI config (rejection steering, RULE, ReRULE)
+  validate  run validation of a model and data config
+  test      evaluate a model on every evaluation split (writes eval.json)
+  demo      the main job on the embedded default: prepare -> rejection steering -> RULE -> evaluation
+
+Run `rerule COMMAND --help` for the options of one command."""
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and tips of datasets / transformers / Lightning (not our own bars)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # pragma: no cover - optional
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - optional
+        pass
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|defined a `validation_step`).*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+def prepare_main(argv: list[str]) -> Any:
+    """``rerule prepare``: jsonargparse over :func:`rerule_lightning.prepare.prepare`."""
+    from jsonargparse import CLI
+
+    from rerule_lightning.prepare import prepare
+
+    CLI(prepare, args=argv, as_positional=False)
+    return 0
+
+
+def lightning_main(argv: list[str], run: bool = True) -> Any:
+    """``rerule fit | validate | test``: LightningCLI with MLflow and our config-artifact callback."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from rerule_lightning.tracking import MLflowSaveConfigCallback
+
+    trainer_defaults = {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+            "init_args": {"experiment_name": "rerule", "tracking_uri": DEFAULT_TRACKING_URI},
+        },
+    }
+    return LightningCLI(
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        trainer_defaults=trainer_defaults, save_config_callback=MLflowSaveConfigCallback,
+        save_config_kwargs={"overwrite": True}, args=argv, run=run, auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of the ``rerule`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_DESTINATION_PROXY", "true")
+    quiet_libraries()
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "prepare":
+        return prepare_main(rest)
+    if cmd in ("fit", "validate", "test"):
+        lightning_main(argv)
+        return 0
+    if cmd == "demo":
+        from rerule_lightning.pipeline import demo_main
+
+        return demo_main(rest)
+    print(f"rerule: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

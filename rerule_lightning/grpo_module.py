@@ -1,0 +1,291 @@
+"""``GRPOUnlearningModule``: RULE's refusal-boundary optimisation as a Lightning module.
+
+Objective (per rollout batch of B prompts × G completions, tokens t of completion i):
+
+    L = norm( Σ_t M_it · [ −min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i) + β · KL3_it ] )
+        + w_replay · norm( Σ_t M_jt · ℓ^off_jt )          (replayed groups j, if a callback supplies any)
+
+with ρ = π_θ / π_old, A_i the group-normalised reward advantage, KL3 the k3 estimator against the
+reference (the rejection-steered model; under (Q)LoRA the same weights with adapters disabled), ``norm``
+one of grpo / bnpo / dr_grpo / dapo, and ℓ^off the importance-corrected loss of
+:func:`rerule_lightning.grpo.off_policy_loss`.
+
+Deviations from RULE's released settings, all deliberate and configurable:
+
+* π_old is the detached log-prob of the first forward pass of the step, not a separate pass: with one
+  optimizer step per rollout batch (μ = 1, RULE's setting) it is provably equal to the behaviour policy,
+  so the extra forward pass would be wasted; with μ > 1 the first pass runs before any update and is
+  therefore still exactly π_old. The same tensor is stored as the groups' behaviour log-probs.
+* Log-probs are computed on ``logits / temperature``, i.e. under the distribution that was sampled.
+* Sampling is re-seeded from ``(seed, global_step, rank)`` every step, so an interrupted and resumed fit
+  samples exactly the same completions as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from rerule_lightning.grpo import aggregate_loss, group_advantages, grpo_loss, off_policy_loss, token_logprobs
+from rerule_lightning.policy import (
+    PolicyConfig,
+    build_policy,
+    load_base_model,
+    load_tokenizer,
+    reference_context,
+)
+from rerule_lightning.rewards import get_reward_fn
+from rerule_lightning.rollout import RolloutGroup, completion_mask_from_ids, pack_sequences
+
+
+class GRPOUnlearningModule(L.LightningModule):
+    """GRPO on forget and boundary prompts with verifiable RULE rewards (manual optimization).
+
+    Args:
+        policy: The model to unlearn (the rejection-steered checkpoint) and how to train it.
+        reference_path: KL reference for full fine-tuning; defaults to ``policy.name_or_path``. Ignored
+            under (Q)LoRA, where the reference is the base with adapters disabled.
+        num_generations: G, completions sampled per prompt.
+        max_new_tokens: Longest completion sampled.
+        temperature: Sampling temperature (log-probs use the same temperature).
+        top_p: Nucleus sampling threshold.
+        learning_rate: AdamW learning rate (constant).
+        weight_decay: AdamW weight decay.
+        max_grad_norm: Gradient-norm clip (``self.clip_gradients``); 0 disables.
+        num_iterations: μ, optimizer steps per rollout batch, reusing the rollouts against π_old.
+        beta: KL coefficient (k3 estimator, clamped to ±10); 0 skips the reference pass entirely.
+        epsilon_low: Lower clip range ε_low.
+        epsilon_high: Upper clip range ε_high.
+        dual_clip: Dual-clip constant for negative advantages (``None`` disables).
+        loss_type: Normaliser: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
+        scale_rewards: Advantage scaling: ``group``, ``batch`` or ``none``.
+        reward: Reward function name in :data:`rerule_lightning.rewards.REWARD_FUNCTIONS`.
+        target_aware: Forget reward variant: 0.5 for refusing + 0.5 for naming the target.
+        recall_threshold: Boundary reward: ROUGE-L recall needed for the second 0.5.
+        eval_max_new_tokens: Greedy tokens per answer in validation / test.
+        seed: Seed of the per-step sampling.
+        export_dir: If set, the policy is saved there (``save_pretrained``) at the end of fit.
+    """
+
+    def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
+                 num_generations: int = 8, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
+                 learning_rate: float = 2e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+                 num_iterations: int = 1, beta: float = 0.01, epsilon_low: float = 0.2, epsilon_high: float = 0.3,
+                 dual_clip: float | None = 3.0,
+                 loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
+                 scale_rewards: Literal["group", "batch", "none"] = "group", reward: str = "rule",
+                 target_aware: bool = False, recall_threshold: float = 0.3, eval_max_new_tokens: int = 32,
+                 seed: int = 0, export_dir: str | None = None) -> None:
+        super().__init__()
+        errors = []
+        if num_generations < 2:
+            errors.append(f"num_generations={num_generations}: GRPO needs at least 2 completions per prompt")
+        if num_iterations < 1:
+            errors.append(f"num_iterations={num_iterations}: must be >= 1")
+        if temperature <= 0:
+            errors.append(f"temperature={temperature}: must be > 0")
+        if not 0 < top_p <= 1:
+            errors.append(f"top_p={top_p}: must be in (0, 1]")
+        if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            errors.append(f"loss_type={loss_type!r}: choose grpo, bnpo, dr_grpo or dapo")
+        if scale_rewards not in ("group", "batch", "none"):
+            errors.append(f"scale_rewards={scale_rewards!r}: choose group, batch or none")
+        if beta < 0:
+            errors.append(f"beta={beta}: must be >= 0")
+        if errors:
+            raise ValueError("GRPOUnlearningModule: " + "; ".join(errors))
+        self.reward_fn = get_reward_fn(reward)  # fails early on an unknown name
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.policy_cfg = policy or PolicyConfig()
+        self.model: torch.nn.Module | None = None
+        self.ref_model: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.tokenizer = load_tokenizer(self.policy_cfg)
+        self.model = build_policy(self.policy_cfg)
+        if self.hparams.beta > 0 and self.policy_cfg.peft == "full":
+            ref = load_base_model(self.hparams.reference_path or self.policy_cfg.name_or_path, self.policy_cfg)
+            self.ref_model = ref.eval().requires_grad_(False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    # -------------------------------------------------------------- rollouts
+    def _sample(self, prompts: list[str]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
+        """Sample G completions per prompt. Returns prompt ids, completion ids/mask ``[B*G, T]`` and texts."""
+        from rerule_lightning.generation import encode_prompts
+
+        h, tok = self.hparams, self.tokenizer
+        torch.manual_seed(h.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
+        enc = encode_prompts(tok, prompts, self.device)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, do_sample=True, temperature=h.temperature, top_p=h.top_p, top_k=0,
+                max_new_tokens=h.max_new_tokens, num_return_sequences=h.num_generations,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        self.model.train(was_training)
+        completion_ids = out[:, enc["input_ids"].size(1):].clone()  # [B*G, T] (clone leaves inference mode)
+        if completion_ids.size(1) == 0:
+            completion_ids = torch.full((out.size(0), 1), tok.eos_token_id, device=out.device)
+        mask = completion_mask_from_ids(completion_ids, tok.eos_token_id)  # [B*G, T]
+        completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
+        texts = [t.strip() for t in tok.batch_decode(completion_ids, skip_special_tokens=True)]
+        prompt_ids = [row[m.bool()].clone() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+        return prompt_ids, completion_ids, mask, texts
+
+    def sequence_logprobs(self, prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
+                          completion_mask: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of completions (at the sampling temperature), trimmed to the longest one.
+
+        Returns:
+            ``(logp [N, T'], mask [N, T'])``.
+        """
+        input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, self.tokenizer.pad_token_id)
+        t = input_ids.size(1) - p
+        if reference and self.ref_model is not None:
+            logits = self.ref_model(input_ids=input_ids, attention_mask=attn).logits
+        elif reference:
+            with reference_context(self.model):
+                logits = self.model(input_ids=input_ids, attention_mask=attn).logits
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attn).logits
+        logits = logits[:, p - 1: -1] / self.hparams.temperature  # [N, T', V]
+        return token_logprobs(logits, input_ids[:, p:]), completion_mask[:, :t]  # [N, T'], [N, T']
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        h = self.hparams
+        g = h.num_generations
+        prompts = batch["prompt"]
+        b = len(prompts)
+        prompt_ids, completion_ids, mask, texts = self._sample(prompts)
+        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
+        raw = self.reward_fn(rep(prompts), texts, labels=rep(batch["label"]), references=rep(batch["reference"]),
+                             targets=rep(batch["target"]), target_aware=h.target_aware,
+                             recall_threshold=h.recall_threshold)
+        rewards = torch.tensor([0.0 if r is None else float(r) for r in raw], device=self.device).view(b, g)  # [B, G]
+        rewards_all = self.all_gather(rewards).reshape(-1, g) if self.trainer.world_size > 1 else rewards
+        advantages = group_advantages(rewards_all, h.scale_rewards)  # [B_all, G]
+        if self.trainer.world_size > 1:
+            advantages = advantages.view(self.trainer.world_size, b, g)[self.global_rank]  # [B, G]
+        adv = advantages.reshape(-1)  # [B*G]
+        p_ids = [x for x in prompt_ids for _ in range(g)]
+
+        ref_logp = None
+        if h.beta > 0:
+            with torch.no_grad():
+                ref_logp, _ = self.sequence_logprobs(p_ids, completion_ids, mask, reference=True)  # [B*G, T']
+        replay: list[RolloutGroup] = list(batch.get("replay") or [])
+        opt = self.optimizers()
+        old_logp = None
+        stats: dict[str, torch.Tensor] = {}
+        active = mask.sum()
+        if self.trainer.world_size > 1:
+            active = self.all_gather(active).sum() / self.trainer.world_size
+        for _ in range(h.num_iterations):
+            logp, m = self.sequence_logprobs(p_ids, completion_ids, mask)  # [B*G, T']
+            if old_logp is None:
+                old_logp = logp.detach()
+            loss, stats = grpo_loss(logp, old_logp, adv, m, ref_logp=ref_logp, beta=h.beta,
+                                    eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip,
+                                    loss_type=h.loss_type, max_completion_length=h.max_new_tokens,
+                                    num_active_tokens=float(active))
+            if replay:
+                r_loss, r_stats = self.replay_loss(replay, batch.get("replay_options") or {})
+                loss = loss + r_loss
+                stats.update(r_stats)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            if h.max_grad_norm > 0:
+                self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+
+        groups = self._groups(batch, prompt_ids, completion_ids, mask, old_logp, rewards, advantages, texts)
+        self._log_step(loss, stats, rewards, mask, batch, b)
+        return {"loss": loss.detach(), "groups": groups}
+
+    def replay_loss(self, replay: list[RolloutGroup],
+                    opts: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Off-policy loss of replayed groups (their stored completions, behaviour log-probs, advantages).
+
+        Args:
+            replay: Groups placed in ``batch["replay"]`` by a replay callback, ``advantages`` set.
+            opts: ``batch["replay_options"]``: ``correction`` (truncated / clipped / none), ``level``
+                (token / sequence), ``cap`` (c̄) and ``weight`` (``replay_loss_weight``).
+        """
+        h = self.hparams
+        dev = self.device
+        p_ids = [grp.prompt_ids.to(dev) for grp in replay for _ in range(grp.num_completions)]
+        t = max(grp.completion_ids.size(1) for grp in replay)
+
+        def cat(name: str, fill: float) -> torch.Tensor:
+            xs = [getattr(grp, name) for grp in replay]
+            return torch.cat([torch.nn.functional.pad(x, (0, t - x.size(1)), value=fill) for x in xs]).to(dev)
+
+        c_ids = cat("completion_ids", float(self.tokenizer.pad_token_id)).long()  # [R*G, T]
+        c_mask = cat("completion_mask", 0.0)  # [R*G, T]
+        beh = cat("behaviour_logprobs", 0.0)  # [R*G, T]
+        adv = torch.cat([grp.advantages for grp in replay]).to(dev).float()  # [R*G]
+        logp, m = self.sequence_logprobs(p_ids, c_ids, c_mask)  # [R*G, T']
+        beh = beh[:, : logp.size(1)]  # [R*G, T']
+        per_tok, stats = off_policy_loss(logp, beh, adv, m, correction=opts.get("correction", "truncated"),
+                                         level=opts.get("level", "token"), cap=opts.get("cap", 2.0),
+                                         eps_low=h.epsilon_low, eps_high=h.epsilon_high)
+        if h.beta > 0:
+            with torch.no_grad():
+                ref, _ = self.sequence_logprobs(p_ids, c_ids, c_mask, reference=True)  # [R*G, T']
+            from rerule_lightning.grpo import k3_kl
+
+            per_tok = per_tok + h.beta * k3_kl(logp, ref)
+        loss = aggregate_loss(per_tok, m, h.loss_type, max_completion_length=h.max_new_tokens,
+                              num_active_tokens=float(m.sum()))
+        return opts.get("weight", 1.0) * loss, {f"replay/{k}": v for k, v in stats.items()}
+
+    def _groups(self, batch: dict[str, Any], prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
+                mask: torch.Tensor, logp: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
+                texts: list[str]) -> list[RolloutGroup]:
+        g, t = self.hparams.num_generations, logp.size(1)
+        ids = completion_ids[:, :t].detach().cpu()  # [B*G, T']
+        msk = mask[:, :t].detach().cpu()  # [B*G, T']
+        lp = (logp * msk.to(logp.device)).detach().cpu()  # [B*G, T']
+        return [RolloutGroup(
+            prompt_id=batch["id"][i], label=batch["label"][i], kind=batch["kind"][i],
+            prompt_ids=prompt_ids[i].detach().cpu(), completion_ids=ids[i * g:(i + 1) * g],
+            completion_mask=msk[i * g:(i + 1) * g], behaviour_logprobs=lp[i * g:(i + 1) * g],
+            rewards=rewards[i].detach().cpu(), step=int(self.global_step), completions=texts[i * g:(i + 1) * g],
+            advantages=advantages[i].detach().cpu(),
+        ) for i in range(len(prompt_ids))]
+
+    def _log_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], rewards: torch.Tensor,
+                  mask: torch.Tensor, batch: dict[str, Any], b: int) -> None:
+        std = rewards.std(1) if rewards.size(1) > 1 else torch.zeros(b, device=rewards.device)  # [B]
+        log = {"train/loss": loss.detach(), "train/reward": rewards.mean(), "train/reward_std": std.mean(),
+               "train/frac_reward_zero_std": (std == 0).float().mean(),
+               "train/completion_length": mask.sum(1).float().mean()}
+        for label in ("forget", "boundary"):
+            sel = torch.tensor([lab == label for lab in batch["label"]], device=rewards.device)
+            if sel.any():
+                log[f"train/reward_{label}"] = rewards[sel].mean()
+        for k, v in stats.items():
+            key = k if k.startswith("replay/") else f"train/{k}"
+            log[key] = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+        self.log_dict(log, batch_size=b, on_step=True, on_epoch=False)
+        self.log("reward", rewards.mean(), prog_bar=True, batch_size=b, logger=False)
+        if "kl" in stats:
+            self.log("kl", stats["kl"], prog_bar=True, batch_size=b, logger=False)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            from rerule_lightning.policy import save_policy
+
+            save_policy(self.model, self.tokenizer, self.hparams.export_dir)

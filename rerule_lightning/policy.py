@@ -1,0 +1,152 @@
+"""Policy building: full fine-tuning, LoRA (peft) or QLoRA (bitsandbytes 4-bit NF4 + LoRA).
+
+Everything here is called from ``LightningModule.configure_model``, so parsing and instantiating a config
+never loads weights. With (Q)LoRA the KL reference is the same base weights with the adapters disabled
+(:func:`reference_context`), so no second copy of the model is held in memory. With full fine-tuning the
+reference is a separate frozen copy loaded from ``reference_path`` (defaults to the start checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+PeftMode = Literal["full", "lora", "qlora"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PolicyConfig:
+    """Which model to train and how.
+
+    Attributes:
+        name_or_path: Hugging Face model id or local directory of an ``AutoModelForCausalLM``.
+        tokenizer: Tokenizer id or directory; defaults to ``name_or_path``.
+        peft: ``full`` fine-tuning, ``lora`` adapters, or ``qlora`` (4-bit NF4 base + LoRA adapters).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: Dropout on the LoRA path.
+        lora_target_modules: Module names to adapt, or ``all-linear``.
+        dtype: Parameter / compute dtype of the base model (``float32``, ``bfloat16``, ``float16``).
+        trust_remote_code: Allow model repositories to run their own Python code. Off unless you set it.
+        gradient_checkpointing: Trade compute for memory in the backward pass.
+        use_chat_template: Format prompts with the tokenizer's chat template (instruct models).
+    """
+
+    name_or_path: str = ".cache/rerule/embedded/target"
+    tokenizer: str | None = None
+    peft: PeftMode = "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    use_chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if self.peft not in ("full", "lora", "qlora"):
+            raise ValueError(f"policy.peft={self.peft!r}: choose 'full', 'lora' or 'qlora'")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"policy.dtype={self.dtype!r}: choose one of {sorted(_DTYPES)}")
+        if self.lora_r < 1:
+            raise ValueError(f"policy.lora_r={self.lora_r}: must be >= 1")
+
+
+def _check_local(path: str, what: str) -> None:
+    """Fail early, naming the flag, when a local-looking path does not exist."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") >= 2  # hub ids are "org/name"
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(
+            f"{what}={path!r}: directory not found. For the embedded world run "
+            "`rerule prepare --config configs/embedded/prepare.yaml` first."
+        )
+
+
+def load_tokenizer(cfg: PolicyConfig) -> Any:
+    """Load the tokenizer, with left padding (for generation) and a pad token."""
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer or cfg.name_or_path
+    _check_local(path, "policy.tokenizer" if cfg.tokenizer else "policy.name_or_path")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_base_model(path: str, cfg: PolicyConfig, quantize: bool = False) -> torch.nn.Module:
+    """Load an ``AutoModelForCausalLM``, optionally quantised to 4-bit NF4."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(path, "policy.name_or_path")
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_DTYPES[cfg.dtype] if cfg.dtype != "float32" else torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def build_policy(cfg: PolicyConfig) -> torch.nn.Module:
+    """Build the trainable policy described by ``cfg``.
+
+    Returns:
+        The model; under (Q)LoRA a ``PeftModel`` whose only trainable parameters are the adapters.
+    """
+    model = load_base_model(cfg.name_or_path, cfg, quantize=cfg.peft == "qlora")
+    if cfg.peft == "full":
+        model.requires_grad_(True)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.peft == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """Whether ``model`` carries peft adapters (so the reference is the adapter-free base)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference_context(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` as its reference: adapters disabled under (Q)LoRA; a no-op otherwise."""
+    if is_peft(model):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def save_policy(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
+    """Save an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Under (Q)LoRA only the adapters are written, with ``adapter_config.json`` naming the base model;
+    transformers loads such a directory (base + adapters) when peft is installed.
+    """
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,34 @@
+"""Shared fixtures: offline mode, a tiny prepared embedded world (built once per session)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.join(os.path.dirname(__file__), "..", ".cache",
+                                                                        "test-mlflow.db"))
+
+import pytest  # noqa: E402
+
+TINY_WORLD = dict(seed=0, preset="hard", num_families=5, authors_per_family=3, num_forget_families=2,
+                  num_boundary_easy_families=2, num_holdout_authors=3, num_world_facts=4)
+TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  max_position_embeddings=96)
+TINY_TRAIN = dict(epochs=60, learning_rate=5e-3, warmup_steps=10, batch_size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``rerule prepare`` on a tiny world (seconds): returns the manifest (paths, links, accuracy)."""
+    from datamodules.world import WorldConfig
+    from rerule_lightning.cli import quiet_libraries
+    from rerule_lightning.prepare import SFTTrainConfig, prepare
+    from rerule_lightning.sft import TinyLlamaConfig
+
+    quiet_libraries()
+    cache = tmp_path_factory.mktemp("rerule-cache")
+    return prepare(WorldConfig(**TINY_WORLD), TinyLlamaConfig(**TINY_MODEL), SFTTrainConfig(**TINY_TRAIN),
+                   vocab_size=512, cache_dir=str(cache), report=True, progress=False)
