@@ -64,8 +64,8 @@ def train_tokenizer(texts: list[str], path: str, vocab_size: int = 1024) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-    fast.padding_side = "left"
+    # padding_side goes to the constructor: set as an attribute afterwards it is not saved (transformers 5)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **SPECIAL_TOKENS)
     fast.save_pretrained(path)
     return fast
 

@@ -245,6 +245,10 @@ class WorldConfig:
             e.append(f"num_families={self.num_families}: at most {len(SURNAMES)} surnames are available")
         if self.authors_per_family > len(FIRST_NAMES):
             e.append(f"authors_per_family={self.authors_per_family}: at most {len(FIRST_NAMES)} first names")
+        free_names = len(FIRST_NAMES) * len(SURNAMES) - self.num_families * self.authors_per_family
+        if self.num_holdout_authors > free_names:  # otherwise the holdout name search never ends
+            e.append(f"num_holdout_authors={self.num_holdout_authors}: at most {max(0, free_names)} unused names "
+                     "are left for these family sizes")
         if not 0.0 < self.rl_fact_fraction <= 1.0:
             e.append(f"rl_fact_fraction={self.rl_fact_fraction}: must be in (0, 1]")
         if not 0.0 < self.hard_fraction < 1.0:

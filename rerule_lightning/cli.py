@@ -45,7 +45,8 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|defined a `validation_step`).*")
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|defined a `validation_step`"
+                                              r"|module\(s\) in eval mode|no `validation_step`).*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 

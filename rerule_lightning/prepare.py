@@ -123,10 +123,14 @@ def accuracy_report(model_dir: str, world_dir: str, splits: tuple[str, ...]) -> 
     return out
 
 
-def prepare(world: WorldConfig | None = None, model: TinyLlamaConfig | None = None,
-            target_training: SFTTrainConfig | None = None, vocab_size: int = 1024,
+def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLlamaConfig(),
+            target_training: SFTTrainConfig = SFTTrainConfig(), vocab_size: int = 1024,
             cache_dir: str = ".cache/rerule", report: bool = True, progress: bool = True) -> dict[str, Any]:
     """Build the embedded world, tokenizer, target and retain models (skipping what is cached).
+
+    The dataclass parameters are typed without ``| None`` on purpose: jsonargparse then expands their
+    fields (``--world.num_forget_families`` ...) with their docstrings in ``rerule prepare --help``.
+    ``None`` is still accepted from Python and means the defaults.
 
     Args:
         world: World parameters (families, splits, presets).

@@ -1,0 +1,71 @@
+"""``EvalModule``: evaluate a saved model (target, retain, rejection-steered, RULE, ...) without training.
+
+    rerule test --config configs/embedded/eval.yaml --model.init_args.policy.name_or_path PATH
+
+Validation and test share the evaluation steps of :mod:`rerule_lightning.eval_report` with
+:class:`rerule_lightning.grpo_module.GRPOUnlearningModule`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from rerule_lightning.eval_report import (
+    evaluation_epoch_end,
+    evaluation_step,
+    prepare_reference,
+    setup_evaluator,
+)
+from rerule_lightning.evaluator import UnlearningEvaluator
+from rerule_lightning.policy import PolicyConfig, load_base_model, load_tokenizer
+
+
+class EvalModule(L.LightningModule):
+    """Evaluation only: loads ``policy.name_or_path`` frozen and computes the unlearning metrics per split.
+
+    Args:
+        policy: The model to evaluate (``peft`` is ignored: a saved adapter directory loads with its base).
+        eval_reference: Retain model directory; its forget truth ratios and Min-K% AUC (computed once,
+            cached next to it) give forget quality and privleak.
+        eval_report_path: Where ``test`` writes ``eval.json`` (rank zero); ``None`` writes nothing.
+        eval_max_new_tokens: Greedy tokens per answer.
+    """
+
+    def __init__(self, policy: PolicyConfig | None = None, eval_reference: str | None = None,
+                 eval_report_path: str | None = None, eval_max_new_tokens: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.policy_cfg = policy or PolicyConfig()
+        self.model: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        self.evaluator: UnlearningEvaluator | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.tokenizer = load_tokenizer(self.policy_cfg)
+        self.model = load_base_model(self.policy_cfg.name_or_path, self.policy_cfg).eval().requires_grad_(False)
+
+    def setup(self, stage: str) -> None:
+        setup_evaluator(self)
+
+    def on_validation_start(self) -> None:
+        prepare_reference(self)
+
+    def on_test_start(self) -> None:
+        prepare_reference(self)
+
+    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        evaluation_step(self, batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        evaluation_step(self, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        evaluation_epoch_end(self, write_report=False)
+
+    def on_test_epoch_end(self) -> None:
+        evaluation_epoch_end(self, write_report=True)

@@ -1,0 +1,372 @@
+"""Unlearning evaluation of a causal LM on the per-split evaluation data (greedy + teacher-forced).
+
+:class:`UnlearningEvaluator` holds one set of torchmetrics ``Metric`` objects per split (so Lightning moves
+them with the module and they reduce correctly under DDP), updates them batch by batch, keeps per-item
+records for the eval report and adds the cross-split metrics: forget quality (against the retain model's
+truth ratios), Min-K% membership AUC and privleak (forget vs holdout) and model utility.
+
+Tokenisation of teacher-forced passes is SFT's (:func:`rerule_lightning.sft.tokenize_pair`): ``bos +
+prompt`` ids, then the ids of the completion text (``" " + answer`` in the raw format) tokenised on its
+own. **Only the answer tokens count, not the end-of-sequence token** (``include_eos=False``), as TOFU's
+"answer tokens only" convention: the eos is the same for every option, so it would only dilute truth
+ratios and Min-K% with a near-certain token. ``include_eos=True`` appends it (SFT trained on it).
+
+Lightning glue, reference statistics and report writing live in :mod:`rerule_lightning.eval_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rerule_lightning.generation import greedy_generate
+from rerule_lightning.grpo import token_logprobs
+from rerule_lightning.metrics import (
+    AnswerAccuracy,
+    AnswerProbability,
+    ExtractionStrength,
+    Fluency,
+    MinKPercent,
+    RefusalRate,
+    RougeLF1,
+    RougeLRecall,
+    TruthRatio,
+)
+from rerule_lightning.metrics import functional as MF
+from rerule_lightning.prompting import format_answer, format_prompt
+
+FORGET, HOLDOUT = "forget", "holdout"
+#: Splits whose probability, ROUGE-L recall and truth ratio enter model utility.
+UTILITY_SPLITS = ("retain", "world_facts")
+#: Splits whose "probability" is normalised over the true and perturbed options (TOFU's world facts).
+OPTION_PROBABILITY_SPLITS = ("world_facts",)
+METRIC_NAMES = ("refusal_rate", "answer_accuracy", "rouge_l_recall", "rouge_l_f1", "fluency", "probability",
+                "truth_ratio", "extraction_strength", "min_k")
+
+
+@torch.no_grad()
+def teacher_forced_stats(model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
+                         batch_size: int = 64, include_eos: bool = False,
+                         use_chat_template: bool = False) -> dict[str, Tensor]:
+    """Teacher-forced statistics of each answer given its prompt (batched, right-padded, sorted by length).
+
+    Args:
+        model: A causal LM (``model(input_ids, attention_mask).logits``).
+        tokenizer: Its tokenizer (``bos_token_id``, ``eos_token_id``, ``pad_token_id``).
+        prompts: Rendered prompts (``format_prompt`` output), ``N``.
+        answers: Answer texts without the leading space (``format_answer`` adds it), ``N``.
+        batch_size: Sequences per forward pass.
+        include_eos: Count the end-of-sequence token as an answer token (default: answer tokens only).
+        use_chat_template: Render completions as for instruct models (no leading space).
+
+    Returns:
+        On CPU, with ``A`` the longest answer (in tokens) and answer tokens left-aligned:
+        ``nll_mean`` ``[N]`` (mean NLL over answer tokens; ``nan`` for an empty answer),
+        ``token_logprobs`` ``[N, A]`` float32, ``mask`` ``[N, A]`` bool, ``pred_ids`` ``[N, A]`` (teacher-forced
+        argmax at each answer position) and ``target_ids`` ``[N, A]``.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"prompts and answers must have the same length, got {len(prompts)}, {len(answers)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    n = len(prompts)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    uniq = sorted(set(prompts))
+    p_ids = dict(zip(uniq, tokenizer(uniq, add_special_tokens=False)["input_ids"])) if uniq else {}
+    a_texts = [format_answer(a, use_chat_template) for a in answers]
+    a_tok = tokenizer(a_texts, add_special_tokens=False)["input_ids"] if n else []
+    eos = [tokenizer.eos_token_id] if include_eos else []
+    seqs = [(bos + p_ids[p], list(a) + eos) for p, a in zip(prompts, a_tok)]
+    a_max = max([len(a) for _, a in seqs] + [1])
+    out_lp = torch.zeros(n, a_max)  # [N, A]
+    out_mask = torch.zeros(n, a_max, dtype=torch.bool)  # [N, A]
+    out_pred = torch.zeros(n, a_max, dtype=torch.long)  # [N, A]
+    out_tgt = torch.zeros(n, a_max, dtype=torch.long)  # [N, A]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(n), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        rows = [seqs[i][0] + seqs[i][1] for i in idx]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, L]
+        attn = torch.zeros(len(idx), width, dtype=torch.long)  # [b, L]
+        for j, r in enumerate(rows):
+            ids[j, :len(r)] = torch.tensor(r)
+            attn[j, :len(r)] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        p_len = torch.tensor([len(seqs[i][0]) for i in idx], device=device)  # [b]
+        a_len = torch.tensor([len(seqs[i][1]) for i in idx], device=device)  # [b]
+        first = max(int(p_len.min()) - 1, 0)  # first shifted position that predicts an answer token
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, first:-1]  # [b, T, V]
+        targets = ids[:, first + 1:]  # [b, T]
+        if targets.size(1) == 0:  # only empty answers in this batch: nothing to score
+            continue
+        lp = token_logprobs(logits, targets)  # [b, T]
+        pred = logits.argmax(dim=-1)  # [b, T]
+        a_w = max(int(a_len.max()), 1)
+        pos = torch.arange(a_w, device=device)  # [a]
+        gather = (p_len - 1 - first).unsqueeze(1) + pos.unsqueeze(0)  # [b, a]
+        gather = gather.clamp(max=targets.size(1) - 1)  # [b, a]
+        mask = pos.unsqueeze(0) < a_len.unsqueeze(1)  # [b, a]
+        sel = torch.tensor(idx)
+        out_lp[sel, :a_w] = (lp.gather(1, gather) * mask).float().cpu()  # [b, a]
+        out_mask[sel, :a_w] = mask.cpu()
+        out_pred[sel, :a_w] = (pred.gather(1, gather) * mask).cpu()  # [b, a]
+        out_tgt[sel, :a_w] = (targets.gather(1, gather) * mask).cpu()  # [b, a]
+    model.train(was_training)
+    count = out_mask.sum(dim=1)  # [N]
+    nll = -(out_lp.double() * out_mask).sum(dim=1) / count.clamp(min=1)  # [N]
+    nll = nll.masked_fill(count == 0, math.nan)  # [N]
+    return {"nll_mean": nll, "token_logprobs": out_lp, "mask": out_mask, "pred_ids": out_pred,
+            "target_ids": out_tgt}
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON (non-finite floats as ``null``) via a temporary file and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_nan_to_none(obj), f, indent=2, allow_nan=False, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class UnlearningEvaluator(torch.nn.Module):
+    """Per-split unlearning metrics, cross-split metrics and per-item records.
+
+    Args:
+        splits: Evaluated splits (``forget``, ``boundary_hard``, ``boundary_easy``, ``retain``,
+            ``world_facts``, ``holdout``, ...), in dataloader order.
+        retain_reference: The retain model's statistics (:func:`rerule_lightning.eval_report.compute_reference`):
+            ``forget_truth_ratios`` (per forget item) and ``mia_auc`` (its forget-vs-holdout Min-K% AUC).
+            Without it there is no forget quality and no privleak; see :meth:`set_reference`.
+        max_new_tokens: Greedy tokens per answer; 0 skips generation (teacher-forced metrics only).
+        refusal_fn: Refusal detector; defaults to :func:`rerule_lightning.rewards.is_refusal`.
+        k: Min-K% fraction.
+        batch_size: Sequences per generation / forward pass.
+        include_eos: Count the eos token as an answer token in teacher-forced passes.
+        use_chat_template: Re-render prompts from ``question`` with the tokenizer's chat template.
+    """
+
+    def __init__(self, splits: Sequence[str], retain_reference: Mapping[str, Any] | None = None,
+                 max_new_tokens: int = 32, refusal_fn: Callable[[str], bool] | None = None, k: float = 0.4,
+                 batch_size: int = 64, include_eos: bool = False, use_chat_template: bool = False) -> None:
+        super().__init__()
+        splits = list(splits)
+        if not splits or len(set(splits)) != len(splits):
+            raise ValueError(f"splits must be non-empty and distinct, got {splits}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+        self.splits = splits
+        self.max_new_tokens, self.k, self.batch_size = max_new_tokens, k, batch_size
+        self.include_eos, self.use_chat_template = include_eos, use_chat_template
+        self.metrics = torch.nn.ModuleDict({s: self._split_metrics(s, refusal_fn) for s in splits})
+        self.retain_reference: dict[str, Any] | None = None
+        self.set_reference(retain_reference)
+        self._records: list[dict[str, Any]] = []
+        self._last: dict[str, float] | None = None
+
+    def _split_metrics(self, split: str, refusal_fn: Callable[[str], bool] | None) -> torch.nn.ModuleDict:
+        return torch.nn.ModuleDict({
+            "refusal_rate": RefusalRate(refusal_fn), "answer_accuracy": AnswerAccuracy(refusal_fn),
+            "rouge_l_recall": RougeLRecall(), "rouge_l_f1": RougeLF1(), "fluency": Fluency(),
+            "probability": AnswerProbability(),
+            "truth_ratio": TruthRatio("forget" if split == FORGET else "retain"),
+            "extraction_strength": ExtractionStrength(), "min_k": MinKPercent(self.k),
+        })
+
+    def set_reference(self, reference: Mapping[str, Any] | None) -> None:
+        """Set (or clear) the retain model's statistics used by forget quality and privleak."""
+        if reference is not None and "forget_truth_ratios" not in reference:
+            raise ValueError("retain_reference needs 'forget_truth_ratios' (and optionally 'mia_auc')")
+        self.retain_reference = dict(reference) if reference is not None else None
+
+    # ------------------------------------------------------------------------------------------- update
+    def _prompts(self, batch: Mapping[str, list[Any]], tokenizer: Any) -> list[str]:
+        if self.use_chat_template:
+            return [format_prompt(q, tokenizer, use_chat_template=True) for q in batch["question"]]
+        return list(batch["prompt"])
+
+    def _teacher_forced(self, model: Any, tokenizer: Any, prompts: list[str],
+                        batch: Mapping[str, list[Any]]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Answer stats, paraphrased-answer NLL ``[N]`` and perturbed-answer NLLs ``[N, P]`` (nan-padded)."""
+        n = len(prompts)
+        perturbed = [list(p) for p in batch["perturbed_answer"]]
+        p_max = max([len(p) for p in perturbed] + [1])
+        flat = [(i, j) for i in range(n) for j in range(len(perturbed[i]))]
+        all_prompts = prompts + prompts + [prompts[i] for i, _ in flat]
+        all_answers = list(batch["answer"]) + list(batch["paraphrased_answer"]) + [perturbed[i][j] for i, j in flat]
+        st = teacher_forced_stats(model, tokenizer, all_prompts, all_answers, self.batch_size,
+                                  self.include_eos, self.use_chat_template)
+        answer = {k: v[:n] for k, v in st.items()}
+        para = st["nll_mean"][n:2 * n]  # [N]
+        pert = torch.full((n, p_max), math.nan, dtype=torch.float64)  # [N, P]
+        for (i, j), v in zip(flat, st["nll_mean"][2 * n:].tolist()):
+            pert[i, j] = v
+        return answer, para, pert
+
+    def update(self, split: str, batch: Mapping[str, list[Any]], model: Any, tokenizer: Any) -> None:
+        """Evaluate one batch of ``split`` items (dict of lists, as ``ForgetRetainDataModule`` serves them).
+
+        Greedy completions feed the text metrics; teacher-forced passes over the answer, the paraphrased
+        answer and every perturbed answer feed probability, truth ratio, extraction strength and Min-K%.
+        """
+        if split not in self.metrics:
+            raise KeyError(f"split {split!r} is not evaluated (splits: {self.splits})")
+        m = self.metrics[split]
+        n = len(batch["id"])
+        if n == 0:
+            return
+        prompts = self._prompts(batch, tokenizer)
+        answers, values = list(batch["answer"]), list(batch["value"])
+        preds: list[str] | None = None
+        text: dict[str, list[Any]] = {}
+        if self.max_new_tokens > 0:
+            preds = greedy_generate(model, tokenizer, prompts, self.max_new_tokens, self.batch_size)
+            fn = m["refusal_rate"].refusal_fn
+            text = {"refusal": MF.refusal_flags(preds, fn), "correct": MF.answer_correct_flags(preds, values, fn),
+                    "rouge_l_recall": MF.rouge_l_recall_scores(preds, answers),
+                    "rouge_l_f1": MF.rouge_l_f1_scores(preds, answers),
+                    "fluency": [MF.ngram_entropy(p) for p in preds]}
+            m["refusal_rate"].update(preds)
+            m["answer_accuracy"].update(preds, values)
+            m["rouge_l_recall"].update(preds, answers)
+            m["rouge_l_f1"].update(preds, answers)
+            m["fluency"].update(preds)
+        ans, para, pert = self._teacher_forced(model, tokenizer, prompts, batch)
+        pert_mean = pert.nanmean(dim=1)  # [N] (ragged perturbed lists allowed)
+        if split in OPTION_PROBABILITY_SPLITS:
+            pert_inf = pert.nan_to_num(nan=math.inf)  # [N, P]: a missing option has probability 0
+            m["probability"].update(ans["nll_mean"], pert_inf)
+            prob = MF.normalized_option_probability(ans["nll_mean"], pert_inf)  # [N]
+        else:
+            m["probability"].update(ans["nll_mean"])
+            prob = MF.answer_probability(ans["nll_mean"])  # [N]
+        m["truth_ratio"].update(pert_mean.unsqueeze(-1), para)
+        m["extraction_strength"].update(ans["pred_ids"], ans["target_ids"], ans["mask"])
+        m["min_k"].update(ans["token_logprobs"], ans["mask"])
+        tr = MF.truth_ratio(pert_mean.unsqueeze(-1), para)  # [N]
+        es = MF.extraction_strength(ans["pred_ids"], ans["target_ids"], ans["mask"])  # [N]
+        mk = MF.min_k_percent(ans["token_logprobs"], ans["mask"], self.k)  # [N]
+        for i in range(n):
+            rec: dict[str, Any] = {"split": split, "id": batch["id"][i], "prompt": prompts[i],
+                                   "answer": answers[i], "value": values[i],
+                                   "prediction": preds[i] if preds is not None else None}
+            rec.update({key: vals[i] for key, vals in text.items()})
+            rec.update({"nll": float(ans["nll_mean"][i]), "probability": float(prob[i]),
+                        "truth_ratio": float(tr[i]), "extraction_strength": float(es[i]), "min_k": float(mk[i])})
+            self._records.append(rec)
+
+    # ------------------------------------------------------------------------------------------ compute
+    def _per_item(self, split: str, name: str) -> Tensor:
+        v = self.metrics[split][name].per_item()  # [N], all ranks
+        return v[~torch.isnan(v)].cpu()  # [N']
+
+    def compute(self) -> dict[str, float]:
+        """Every aggregate as a flat ``{"split/metric": float}`` dict, plus the cross-split metrics.
+
+        Cross-split keys: ``forget/forget_quality`` (with a reference), ``forget/mia_auc`` (forget and
+        holdout evaluated), ``forget/privleak`` (also needs the reference AUC) and ``utility/model_utility``
+        (retain and/or world facts evaluated). Under DDP call it on every rank (the metrics sync).
+        """
+        out: dict[str, float] = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*compute.*before.*update.*")
+            for s in self.splits:
+                for name, metric in self.metrics[s].items():
+                    out[f"{s}/{name}"] = float(metric.compute())
+        ref = self.retain_reference
+        if FORGET in self.metrics and ref is not None and ref.get("forget_truth_ratios"):
+            tr = self._per_item(FORGET, "truth_ratio")
+            ref_tr = [v for v in ref["forget_truth_ratios"] if v is not None and math.isfinite(v)]
+            out["forget/forget_quality"] = MF.forget_quality(tr, ref_tr) if tr.numel() and ref_tr else math.nan
+        if FORGET in self.metrics and HOLDOUT in self.metrics:
+            fs, hs = self._per_item(FORGET, "min_k"), self._per_item(HOLDOUT, "min_k")
+            auc = MF.auc_score(fs, hs) if fs.numel() and hs.numel() else math.nan
+            out["forget/mia_auc"] = auc
+            ref_auc = ref.get("mia_auc") if ref is not None else None
+            if ref_auc is not None and math.isfinite(ref_auc) and ref_auc < 1.0:
+                out["forget/privleak"] = MF.privleak(auc, ref_auc) if math.isfinite(auc) else math.nan
+        comps = {f"{s}_{name}": out[f"{s}/{name}"] for s in UTILITY_SPLITS if s in self.metrics
+                 for name in ("probability", "rouge_l_recall", "truth_ratio")}
+        if comps:
+            finite = all(math.isfinite(v) for v in comps.values())
+            out["utility/model_utility"] = MF.model_utility(comps) if finite else math.nan
+        self._last = dict(out)
+        return out
+
+    def reset(self) -> None:
+        """Clear every metric state and the per-item records (the reference is kept)."""
+        for split_metrics in self.metrics.values():
+            for metric in split_metrics.values():
+                metric.reset()
+        self._records.clear()
+        self._last = None
+
+    def per_item(self) -> list[dict[str, Any]]:
+        """This rank's per-item records, in update order."""
+        return list(self._records)
+
+    def gather_per_item(self) -> list[dict[str, Any]]:
+        """Every rank's per-item records (a collective under DDP: call it on all ranks)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.per_item()
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self._records)
+        return [r for part in parts for r in part]
+
+    def write_report(self, path: str, extra: Mapping[str, Any] | None = None,
+                     records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Write ``eval.json``: aggregates, per-item rows and ``extra`` (model / data ids, config hash).
+
+        Uses the last :meth:`compute` result (computing it when there is none: under DDP call
+        :meth:`compute` and :meth:`gather_per_item` on every rank first, then this on rank zero only).
+
+        Returns:
+            The written report.
+        """
+        aggregate = self._last if self._last is not None else self.compute()
+        rows = records if records is not None else self.per_item()
+        ref = self.retain_reference
+        report = {
+            **dict(extra or {}),
+            "splits": self.splits,
+            "num_items": {s: sum(r["split"] == s for r in rows) for s in self.splits},
+            "settings": {"max_new_tokens": self.max_new_tokens, "min_k": self.k, "include_eos": self.include_eos,
+                         "use_chat_template": self.use_chat_template},
+            "reference": None if ref is None else {k: v for k, v in ref.items() if k != "forget_truth_ratios"},
+            "aggregate": aggregate,
+            "per_item": rows,
+        }
+        write_json_atomic(path, report)
+        return report
+
+
+__all__ = ["METRIC_NAMES", "OPTION_PROBABILITY_SPLITS", "UTILITY_SPLITS", "UnlearningEvaluator",
+           "teacher_forced_stats", "write_json_atomic"]

@@ -1,0 +1,178 @@
+"""``rerule demo``: the main job on the embedded default, through the same CLI a user types.
+
+prepare → rejection steering (``configs/embedded/rs.yaml``) → RULE (``configs/embedded/rule.yaml``) →
+evaluation (``configs/embedded/eval.yaml``) of the rejection-steered and the unlearned model, for each seed,
+then a results table (forget refusal, boundary accuracy by kind, retain accuracy, wall-clock per stage, MLflow
+run ids), also written to ``<output_dir>/results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+COLUMNS = {
+    "forget/refusal_rate": "forget refusal",
+    "boundary_hard/answer_accuracy": "same-family acc",
+    "boundary_easy/answer_accuracy": "unrelated acc",
+    "retain/answer_accuracy": "retain acc",
+    "boundary_hard/refusal_rate": "same-family refusal",
+}
+
+
+@dataclass
+class StageResult:
+    """One evaluated stage of one seed."""
+
+    stage: str
+    seed: int
+    metrics: dict[str, float]
+    fit_seconds: float
+    run_ids: dict[str, str] = field(default_factory=dict)
+
+
+def _run(argv: list[str]) -> tuple[Any, float]:
+    from rerule_lightning.cli import lightning_main
+
+    t = time.perf_counter()
+    cli = lightning_main(argv)
+    return cli, time.perf_counter() - t
+
+
+def _run_id(cli: Any) -> str:
+    logger = cli.trainer.logger
+    return getattr(logger, "run_id", None) or "-"
+
+
+def _evaluate(model_dir: str, out_dir: str, common: list[str], retain_dir: str) -> tuple[dict[str, float], str]:
+    cli, _ = _run(["test", "--config", "configs/embedded/eval.yaml", *common,
+                   "--model.init_args.policy.name_or_path", model_dir,
+                   "--model.init_args.eval_reference", retain_dir,
+                   "--model.init_args.eval_report_path", os.path.join(out_dir, "eval.json")])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    return metrics, _run_id(cli)
+
+
+def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_uri: str,
+             experiment: str, cache_dir: str, overlays: dict[str, list[str]] | None = None) -> list[StageResult]:
+    """Rejection steering, then RULE (and any overlay variants), each evaluated, for one seed."""
+    links = os.path.join(cache_dir, "embedded")
+    common = ["--trainer.logger.init_args.tracking_uri", tracking_uri,
+              "--trainer.logger.init_args.experiment_name", experiment]
+    data = ["--data.init_args.world_dir", os.path.join(links, "world")]
+    sdir = os.path.join(output_dir, f"seed{seed}")
+    rs_dir = os.path.join(sdir, "rs")
+    results: list[StageResult] = []
+    cli, secs = _run(["fit", "--config", "configs/embedded/rs.yaml", *common, *data,
+                      "--data.init_args.tokenizer", os.path.join(links, "tokenizer"),
+                      "--model.init_args.policy.name_or_path", os.path.join(links, "target"),
+                      "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
+                      "--model.init_args.export_dir", rs_dir,
+                      "--trainer.default_root_dir", os.path.join(sdir, "rs_logs")])
+    rs_run = _run_id(cli)
+    metrics, eval_run = _evaluate(rs_dir, os.path.join(sdir, "rs_eval"), [*common, *data], os.path.join(links, "retain"))
+    results.append(StageResult("rejection steering", seed, metrics, secs, {"fit": rs_run, "eval": eval_run}))
+    for name, extra in {"RULE": [], **(overlays or {})}.items():
+        tag = name.lower().replace(" ", "_")
+        out = os.path.join(sdir, tag)
+        cli, secs = _run(["fit", "--config", "configs/embedded/rule.yaml", *extra, *common, *data,
+                          "--data.init_args.preset", preset, "--trainer.max_steps", str(rule_steps),
+                          "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
+                          "--model.init_args.seed", str(seed), "--model.init_args.policy.name_or_path", rs_dir,
+                          "--model.init_args.export_dir", out,
+                          "--trainer.default_root_dir", os.path.join(sdir, f"{tag}_logs")])
+        fit_run = _run_id(cli)
+        metrics, eval_run = _evaluate(out, os.path.join(sdir, f"{tag}_eval"), [*common, *data],
+                                      os.path.join(links, "retain"))
+        results.append(StageResult(name, seed, metrics, secs, {"fit": fit_run, "eval": eval_run}))
+    return results
+
+
+def summarise(results: list[StageResult]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds of every table column, per stage (in first-seen order)."""
+    rows = []
+    for stage in dict.fromkeys(r.stage for r in results):
+        rs = [r for r in results if r.stage == stage]
+        row: dict[str, Any] = {"stage": stage, "seeds": len(rs)}
+        for key in [*COLUMNS, "fit_seconds"]:
+            vals = [r.fit_seconds if key == "fit_seconds" else r.metrics.get(key, float("nan")) for r in rs]
+            row[key] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        row["run_ids"] = [r.run_ids for r in rs]
+        rows.append(row)
+    return rows
+
+
+def render_markdown(rows: list[dict[str, Any]]) -> str:
+    """The results table in Markdown (mean ± std over seeds)."""
+    head = ["stage", "seeds", *COLUMNS.values(), "fit wall-clock (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["stage"], str(r["seeds"])]
+        cells += [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" for k in COLUMNS]
+        cells.append(f"{r['fit_seconds'][0]:.1f} ± {r['fit_seconds'][1]:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int = 60,
+         output_dir: str = "runs/demo", tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "rerule-demo",
+         prepare_config: str = "configs/embedded/prepare.yaml", cache_dir: str = ".cache/rerule") -> list[dict]:
+    """Run the main job and print its results table.
+
+    Args:
+        seeds: Seeds of the rejection-steering and RULE stages (the world and target model are fixed).
+        preset: RL boundary pool: ``hard`` (20 % same-family prompts) or ``easy``.
+        rule_steps: GRPO steps of the RULE stage.
+        output_dir: Where models, eval reports and the results table are written.
+        tracking_uri: MLflow tracking URI (``sqlite:///mlflow.db`` or ``http://host:port``).
+        experiment: MLflow experiment name.
+        prepare_config: Config of ``rerule prepare``.
+        cache_dir: Cache of the prepared world and models.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from rerule_lightning.cli import main as cli_main
+
+    if preset not in ("easy", "hard"):
+        raise ValueError(f"--preset={preset!r}: choose 'easy' or 'hard'")
+    seeds = [0] if seeds is None else list(seeds)
+    console = Console()
+    t0 = time.perf_counter()
+    cli_main(["prepare", "--config", prepare_config, "--cache_dir", cache_dir])
+    prep_secs = time.perf_counter() - t0
+    results: list[StageResult] = []
+    for seed in seeds:
+        results += run_seed(seed, output_dir, preset, rule_steps, tracking_uri, experiment, cache_dir)
+    rows = summarise(results)
+    table = Table(title=f"rerule demo: embedded '{preset}' preset, {len(seeds)} seed(s), mean ± std")
+    for col in ["stage", *COLUMNS.values(), "fit s"]:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["stage"], *[f"{r[k][0]:.3f}±{r[k][1]:.3f}" for k in COLUMNS],
+                      f"{r['fit_seconds'][0]:.0f}")
+    console.print(table)
+    for res in results:
+        console.print(f"seed {res.seed} {res.stage}: MLflow runs fit={res.run_ids['fit']} eval={res.run_ids['eval']}")
+    total = time.perf_counter() - t0
+    console.print(f"prepare {prep_secs:.0f} s, total {total:.0f} s; MLflow: {tracking_uri} (mlflow ui "
+                  f"--backend-store-uri {tracking_uri})")
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump({"rows": rows, "results": [r.__dict__ for r in results], "prepare_seconds": prep_secs,
+                   "total_seconds": total}, f, indent=2)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(render_markdown(rows) + "\n")
+    return rows
+
+
+def demo_main(argv: list[str]) -> int:
+    """``rerule demo``: jsonargparse over :func:`demo`."""
+    from jsonargparse import CLI
+
+    CLI(demo, args=argv, as_positional=False)
+    return 0
