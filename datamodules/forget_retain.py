@@ -3,8 +3,9 @@
 Training batches are balanced between forget and boundary prompts (``forget_fraction`` of each batch,
 0.5 by default, as RULE's data files interleave them 1:1). Within each label, prompts are drawn without
 replacement in a fresh seeded permutation per pass. The batch of step ``t`` is a pure function of
-``(seed, t)``: the train iterable keeps only its position as state (``state_dict``), so a resumed fit
-sees exactly the batches the uninterrupted fit would have seen.
+``(seed, t)``. Each pass over the iterable starts at the batch index implied by ``trainer.global_step``
+(restored exactly from a checkpoint), not at a counter that Lightning's one-batch prefetch would have moved
+ahead, so a resumed fit sees exactly the batches the uninterrupted fit would have seen.
 
 Evaluation dataloaders (validation and test) serve one split each, in :data:`EVAL_SPLITS` order, every
 question paraphrase of every fact; items are dicts of lists (``prompt``, ``question``, ``answer``,
@@ -14,6 +15,7 @@ question paraphrase of every fact; items are dicts of lists (``prompt``, ``quest
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning as L
@@ -38,10 +40,13 @@ class BalancedPromptBatches:
         epoch_length: Batches per "epoch" (only for progress display and epoch-based hooks).
         rank: This process's rank; ranks take disjoint slices of a global batch.
         world_size: Number of processes.
+        start_fn: Returns the index of the next batch when a pass starts (the datamodule derives it from
+            ``trainer.global_step``); ``None`` continues from the internal counter.
     """
 
     def __init__(self, forget: list[dict], boundary: list[dict], batch_size: int, forget_fraction: float,
-                 seed: int, epoch_length: int, rank: int = 0, world_size: int = 1) -> None:
+                 seed: int, epoch_length: int, rank: int = 0, world_size: int = 1,
+                 start_fn: Callable[[], int] | None = None) -> None:
         if not forget or not boundary:
             raise ValueError(f"the RL pool needs forget and boundary prompts (got {len(forget)} forget, "
                              f"{len(boundary)} boundary)")
@@ -50,6 +55,7 @@ class BalancedPromptBatches:
         self.n_boundary = batch_size * world_size - self.n_forget
         self.batch_size, self.seed, self.epoch_length = batch_size, seed, epoch_length
         self.rank, self.world_size = rank, world_size
+        self.start_fn = start_fn
         self.position = 0  # batches already served (global step of the next batch)
 
     def _draw(self, rows: list[dict], start: int, n: int, salt: int) -> list[dict]:
@@ -69,7 +75,9 @@ class BalancedPromptBatches:
         mine = rows[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
         return {c: [r[c] for r in mine] for c in PROMPT_COLUMNS}
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, list[Any]]]:
+        if self.start_fn is not None:
+            self.position = int(self.start_fn())
         end = (self.position // self.epoch_length + 1) * self.epoch_length
         while self.position < end:
             batch = self.batch_at(self.position)
@@ -156,8 +164,15 @@ class ForgetRetainDataModule(L.LightningDataModule):
             world_size = trainer.world_size if trainer is not None else 1
             self._train = BalancedPromptBatches(
                 [r for r in self.pool if r["label"] == "forget"], [r for r in self.pool if r["label"] == "boundary"],
-                h.batch_size, h.forget_fraction, h.seed, h.epoch_length, rank, world_size)
+                h.batch_size, h.forget_fraction, h.seed, h.epoch_length, rank, world_size,
+                start_fn=self._next_batch_index if trainer is not None else None)
         return self._train
+
+    def _next_batch_index(self) -> int:
+        """Batches already trained on: optimizer steps divided by the module's steps per batch (μ)."""
+        module = self.trainer.lightning_module
+        mu = int(getattr(module, "hparams", {}).get("num_iterations", 1) or 1)
+        return self.trainer.global_step // mu
 
     def _eval_loaders(self) -> list[DataLoader]:
         return [DataLoader(self.eval_items[s], batch_size=self.hparams.eval_batch_size, shuffle=False,

@@ -3,7 +3,7 @@
 Authors live in *families* that share a surname. Every author has one fact of each kind in
 :data:`FACT_KINDS` (birth city, birth year, genre, award, parent's profession, first book), drawn from
 finite pools. Each fact comes with several question paraphrases, a canonical answer, a paraphrased answer
-and perturbed answers (the canonical template with a wrong value from the same pool), exactly the
+and perturbed answers (the paraphrased template with a wrong value from the same pool, as TOFU does), exactly the
 columns TOFU ships (``question``, ``answer``, ``paraphrased_answer``, ``perturbed_answer``,
 ``paraphrased_question``), plus ``questions`` (every paraphrase) and ``value`` (the fact itself, which
 answer accuracy looks for).
@@ -40,6 +40,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 Preset = Literal["easy", "hard"]
+
+# Bump when the generator's output changes for the same parameters: it is part of every cache key.
+GENERATOR_VERSION = 2
 
 # --------------------------------------------------------------------------------------------------
 # Pools. Names are invented; the generator samples without replacement where identity matters.
@@ -268,7 +271,7 @@ class WorldConfig:
 
     def content_hash(self, include_preset: bool = True) -> str:
         """A short hash of the parameters; without the preset it identifies the *trained* content."""
-        d = self.to_dict()
+        d = {**self.to_dict(), "generator_version": GENERATOR_VERSION}
         if not include_preset:
             for k in ("preset", "hard_fraction"):
                 d.pop(k)
@@ -285,7 +288,8 @@ def _fact_row(kind: FactKind, name: str, value: str, pool: list[str], rng: rando
         "paraphrased_question": questions[1],
         "answer": kind.answer.format(name=name, value=value),
         "paraphrased_answer": kind.paraphrased_answer.format(name=name, value=value),
-        "perturbed_answer": [kind.answer.format(name=name, value=w) for w in wrong],
+        # TOFU perturbs the *paraphrased* answer: the truth ratio compares like with like
+        "perturbed_answer": [kind.paraphrased_answer.format(name=name, value=w) for w in wrong],
         "value": value,
         "kind": kind.name,
         **extra,

@@ -67,6 +67,8 @@ def lightning_main(argv: list[str], run: bool = True) -> Any:
 
     from rerule_lightning.tracking import MLflowSaveConfigCallback
 
+    if not run and argv and argv[0] in ("fit", "validate", "test", "predict"):
+        argv = argv[1:]  # LightningCLI(run=False) takes no subcommand: it only parses and instantiates
     trainer_defaults = {
         "logger": {
             "class_path": "lightning.pytorch.loggers.MLFlowLogger",
@@ -81,7 +83,21 @@ def lightning_main(argv: list[str], run: bool = True) -> Any:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Entry point of the ``rerule`` console script."""
+    """Entry point of the ``rerule`` console script.
+
+    Configuration errors (``ValueError``, ``FileNotFoundError``) raised before training are reported as one
+    ``rerule: error: ...`` line with exit status 2 instead of a traceback; set ``RERULE_DEBUG=1`` to see it.
+    """
+    try:
+        return _dispatch(argv)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("RERULE_DEBUG"):
+            raise
+        print(f"rerule: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str] | None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

@@ -20,7 +20,7 @@ from rerule_lightning.eval_report import (
     setup_evaluator,
 )
 from rerule_lightning.evaluator import UnlearningEvaluator
-from rerule_lightning.policy import PolicyConfig, load_base_model, load_tokenizer
+from rerule_lightning.policy import PolicyConfig, load_base_model, load_tokenizer, plain_hparams
 
 
 class EvalModule(L.LightningModule):
@@ -37,8 +37,9 @@ class EvalModule(L.LightningModule):
     def __init__(self, policy: PolicyConfig | None = None, eval_reference: str | None = None,
                  eval_report_path: str | None = None, eval_max_new_tokens: int = 32) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["policy"])
         self.policy_cfg = policy or PolicyConfig()
+        plain_hparams(self, policy=self.policy_cfg)
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.evaluator: UnlearningEvaluator | None = None

@@ -23,7 +23,8 @@ import torch
 
 from rerule_lightning.evaluator import FORGET, HOLDOUT, UnlearningEvaluator, write_json_atomic
 
-_SIGNATURE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model")
+_SIGNATURE_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
+_SIGNATURE_SUFFIXES = (".safetensors", ".bin", ".pt", ".model", ".index.json")
 
 
 def _jsonable(x: Any) -> Any:
@@ -41,15 +42,15 @@ def _hash(obj: Any, n: int = 16) -> str:
 
 
 def dir_signature(path: str) -> dict[str, Any]:
-    """Resolved path and (name, size, mtime_ns) of the config / weight / tokenizer files directly in ``path``
-    (just the name for something that is not a local directory, e.g. a hub id)."""
+    """Resolved path and (name, size, mtime_ns) of the config, weight and tokenizer files directly in
+    ``path`` (just the name for something that is not a local directory, e.g. a hub id)."""
     real = os.path.realpath(path)
     if not os.path.isdir(real):
         return {"path": path}
     files = []
     for name in sorted(os.listdir(real)):
         full = os.path.join(real, name)
-        if name.endswith(_SIGNATURE_SUFFIXES) and os.path.isfile(full):
+        if (name in _SIGNATURE_FILES or name.endswith(_SIGNATURE_SUFFIXES)) and os.path.isfile(full):
             st = os.stat(full)
             files.append([name, st.st_size, st.st_mtime_ns])
     return {"path": real, "files": files}
@@ -193,8 +194,35 @@ def evaluation_epoch_end(module: Any, write_report: bool) -> dict[str, float]:
         if module.trainer.is_global_zero:
             ev.write_report(path, extra=report_identifiers(module), records=records)
             _log_artifact(module, path)
+    if write_report and module.trainer.is_global_zero:
+        print_summary(values, ev.splits, path or None)
     ev.reset()
     return values
+
+
+_SHORT = {"refusal_rate": "refusal", "answer_accuracy": "acc", "rouge_l_recall": "rougeL_r",
+          "rouge_l_f1": "rougeL_f1", "fluency": "fluency", "probability": "prob", "truth_ratio": "TR",
+          "extraction_strength": "ES", "min_k": "min_k"}
+
+
+def print_summary(values: Mapping[str, float], splits: Sequence[str], report_path: str | None = None) -> None:
+    """Print one compact table (splits × metrics) and the cross-split metrics to stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Unlearning evaluation", title_justify="left")
+    table.add_column("split")
+    for short in _SHORT.values():
+        table.add_column(short, justify="right")
+    for s in splits:
+        table.add_row(s, *[f"{values.get(f'{s}/{name}', math.nan):.3f}" for name in _SHORT])
+    console = Console(stderr=True, width=max(Console(stderr=True).width, 128))
+    console.print(table)
+    cross = {k: v for k, v in values.items() if k.split("/", 1)[1] in ("forget_quality", "mia_auc", "privleak",
+                                                                       "model_utility")}
+    console.print("  ".join(f"{k} = {v:.4g}" for k, v in cross.items()))
+    if report_path:
+        console.print(f"report: {report_path}")
 
 
 def report_identifiers(module: Any) -> dict[str, Any]:
@@ -227,5 +255,5 @@ def _log_artifact(module: Any, path: str) -> None:
 
 
 __all__ = ["compute_reference", "default_reference_cache", "dir_signature", "evaluate_items",
-           "evaluation_epoch_end", "evaluation_step", "prepare_reference", "report_identifiers",
+           "evaluation_epoch_end", "evaluation_step", "prepare_reference", "print_summary", "report_identifiers",
            "setup_evaluator"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -56,7 +55,10 @@ METRIC_NAMES = ("refusal_rate", "answer_accuracy", "rouge_l_recall", "rouge_l_f1
 def teacher_forced_stats(model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
                          batch_size: int = 64, include_eos: bool = False,
                          use_chat_template: bool = False) -> dict[str, Tensor]:
-    """Teacher-forced statistics of each answer given its prompt (batched, right-padded, sorted by length).
+    """Teacher-forced statistics of each answer given its prompt (batched, sorted by length).
+
+    Sequences are left-padded with explicit position ids (so each is scored as if unpadded) and only the
+    logits of the answer window are materialised (``logits_to_keep`` where the model takes it).
 
     Args:
         model: A causal LM (``model(input_ids, attention_mask).logits``).
@@ -90,7 +92,10 @@ def teacher_forced_stats(model: Any, tokenizer: Any, prompts: Sequence[str], ans
     out_mask = torch.zeros(n, a_max, dtype=torch.bool)  # [N, A]
     out_pred = torch.zeros(n, a_max, dtype=torch.long)  # [N, A]
     out_tgt = torch.zeros(n, a_max, dtype=torch.long)  # [N, A]
+    if any(len(p) == 0 for p, _ in seqs):
+        raise ValueError("every prompt needs at least one token (a bos token or prompt text)")
     device = next(model.parameters()).device
+    keep_kw = _accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()
     order = sorted(range(n), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
@@ -98,37 +103,45 @@ def teacher_forced_stats(model: Any, tokenizer: Any, prompts: Sequence[str], ans
         idx = order[start:start + batch_size]
         rows = [seqs[i][0] + seqs[i][1] for i in idx]
         width = max(len(r) for r in rows)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, L]
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, L], left-padded
         attn = torch.zeros(len(idx), width, dtype=torch.long)  # [b, L]
         for j, r in enumerate(rows):
-            ids[j, :len(r)] = torch.tensor(r)
-            attn[j, :len(r)] = 1
+            ids[j, width - len(r):] = torch.tensor(r)
+            attn[j, width - len(r):] = 1
         ids, attn = ids.to(device), attn.to(device)
-        p_len = torch.tensor([len(seqs[i][0]) for i in idx], device=device)  # [b]
+        position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # [b, L]: as if unpadded (as generate does)
         a_len = torch.tensor([len(seqs[i][1]) for i in idx], device=device)  # [b]
-        first = max(int(p_len.min()) - 1, 0)  # first shifted position that predicts an answer token
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, first:-1]  # [b, T, V]
-        targets = ids[:, first + 1:]  # [b, T]
-        if targets.size(1) == 0:  # only empty answers in this batch: nothing to score
-            continue
-        lp = token_logprobs(logits, targets)  # [b, T]
-        pred = logits.argmax(dim=-1)  # [b, T]
-        a_w = max(int(a_len.max()), 1)
-        pos = torch.arange(a_w, device=device)  # [a]
-        gather = (p_len - 1 - first).unsqueeze(1) + pos.unsqueeze(0)  # [b, a]
-        gather = gather.clamp(max=targets.size(1) - 1)  # [b, a]
-        mask = pos.unsqueeze(0) < a_len.unsqueeze(1)  # [b, a]
+        a_w = max(int(a_len.max()), 1)  # window: the last a_w tokens hold every answer (right-aligned)
+        kw = {"logits_to_keep": a_w + 1} if keep_kw else {}
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, **kw).logits
+        logits = logits[:, -(a_w + 1):-1]  # [b, a_w, V]: position t predicts token t + 1
+        targets = ids[:, -a_w:]  # [b, a_w]
+        lp = token_logprobs(logits, targets)  # [b, a_w]
+        pred = logits.argmax(dim=-1)  # [b, a_w]
+        pos = torch.arange(a_w, device=device)  # [a_w]
+        gather = ((a_w - a_len).unsqueeze(1) + pos.unsqueeze(0)).clamp(max=a_w - 1)  # [b, a_w]: left-align
+        mask = pos.unsqueeze(0) < a_len.unsqueeze(1)  # [b, a_w]
         sel = torch.tensor(idx)
-        out_lp[sel, :a_w] = (lp.gather(1, gather) * mask).float().cpu()  # [b, a]
+        out_lp[sel, :a_w] = (lp.gather(1, gather) * mask).float().cpu()  # [b, a_w]
         out_mask[sel, :a_w] = mask.cpu()
-        out_pred[sel, :a_w] = (pred.gather(1, gather) * mask).cpu()  # [b, a]
-        out_tgt[sel, :a_w] = (targets.gather(1, gather) * mask).cpu()  # [b, a]
+        out_pred[sel, :a_w] = (pred.gather(1, gather) * mask).cpu()  # [b, a_w]
+        out_tgt[sel, :a_w] = (targets.gather(1, gather) * mask).cpu()  # [b, a_w]
     model.train(was_training)
     count = out_mask.sum(dim=1)  # [N]
     nll = -(out_lp.double() * out_mask).sum(dim=1) / count.clamp(min=1)  # [N]
     nll = nll.masked_fill(count == 0, math.nan)  # [N]
     return {"nll_mean": nll, "token_logprobs": out_lp, "mask": out_mask, "pred_ids": out_pred,
             "target_ids": out_tgt}
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (then only the answer window's logits are built)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -145,9 +158,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON (non-finite floats as ``null``) via a temporary file and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(_nan_to_none(obj), f, indent=2, allow_nan=False, default=str)
         os.replace(tmp, path)
     finally:

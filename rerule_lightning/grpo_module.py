@@ -28,12 +28,20 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from rerule_lightning.eval_report import (
+    evaluation_epoch_end,
+    evaluation_step,
+    prepare_reference,
+    setup_evaluator,
+)
+from rerule_lightning.evaluator import UnlearningEvaluator
 from rerule_lightning.grpo import aggregate_loss, group_advantages, grpo_loss, off_policy_loss, token_logprobs
 from rerule_lightning.policy import (
     PolicyConfig,
     build_policy,
     load_base_model,
     load_tokenizer,
+    plain_hparams,
     reference_context,
 )
 from rerule_lightning.rewards import get_reward_fn
@@ -67,6 +75,9 @@ class GRPOUnlearningModule(L.LightningModule):
         eval_max_new_tokens: Greedy tokens per answer in validation / test.
         seed: Seed of the per-step sampling.
         export_dir: If set, the policy is saved there (``save_pretrained``) at the end of fit.
+        eval_reference: Retain model directory for forget quality and privleak in validation / test (its
+            statistics are computed once, lazily, and cached next to it).
+        eval_report_path: Where ``test`` writes ``eval.json`` (rank zero); ``None`` writes nothing.
     """
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
@@ -77,7 +88,8 @@ class GRPOUnlearningModule(L.LightningModule):
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
                  scale_rewards: Literal["group", "batch", "none"] = "group", reward: str = "rule",
                  target_aware: bool = False, recall_threshold: float = 0.3, eval_max_new_tokens: int = 32,
-                 seed: int = 0, export_dir: str | None = None) -> None:
+                 seed: int = 0, export_dir: str | None = None, eval_reference: str | None = None,
+                 eval_report_path: str | None = None) -> None:
         super().__init__()
         errors = []
         if num_generations < 2:
@@ -96,13 +108,18 @@ class GRPOUnlearningModule(L.LightningModule):
             errors.append(f"beta={beta}: must be >= 0")
         if errors:
             raise ValueError("GRPOUnlearningModule: " + "; ".join(errors))
-        self.reward_fn = get_reward_fn(reward)  # fails early on an unknown name
-        self.save_hyperparameters()
+        try:
+            self.reward_fn = get_reward_fn(reward)  # fails early on an unknown name
+        except ValueError as e:
+            raise ValueError(f"GRPOUnlearningModule: reward={reward!r}: {e}") from None
+        self.save_hyperparameters(ignore=["policy"])
         self.automatic_optimization = False
         self.policy_cfg = policy or PolicyConfig()
+        plain_hparams(self, policy=self.policy_cfg)
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self.tokenizer: Any = None
+        self.evaluator: UnlearningEvaluator | None = None  # created in setup() from the datamodule's eval_splits
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -168,6 +185,7 @@ class GRPOUnlearningModule(L.LightningModule):
         g = h.num_generations
         prompts = batch["prompt"]
         b = len(prompts)
+        sampled_at = int(self.global_step)  # the groups' step: global_step before this step's update(s)
         prompt_ids, completion_ids, mask, texts = self._sample(prompts)
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
         raw = self.reward_fn(rep(prompts), texts, labels=rep(batch["label"]), references=rep(batch["reference"]),
@@ -210,7 +228,8 @@ class GRPOUnlearningModule(L.LightningModule):
                 self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()
 
-        groups = self._groups(batch, prompt_ids, completion_ids, mask, old_logp, rewards, advantages, texts)
+        groups = self._groups(batch, prompt_ids, completion_ids, mask, old_logp, rewards, advantages, texts,
+                              step=sampled_at)
         self._log_step(loss, stats, rewards, mask, batch, b)
         return {"loss": loss.detach(), "groups": groups}
 
@@ -253,7 +272,7 @@ class GRPOUnlearningModule(L.LightningModule):
 
     def _groups(self, batch: dict[str, Any], prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
                 mask: torch.Tensor, logp: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
-                texts: list[str]) -> list[RolloutGroup]:
+                texts: list[str], step: int) -> list[RolloutGroup]:
         g, t = self.hparams.num_generations, logp.size(1)
         ids = completion_ids[:, :t].detach().cpu()  # [B*G, T']
         msk = mask[:, :t].detach().cpu()  # [B*G, T']
@@ -262,7 +281,7 @@ class GRPOUnlearningModule(L.LightningModule):
             prompt_id=batch["id"][i], label=batch["label"][i], kind=batch["kind"][i],
             prompt_ids=prompt_ids[i].detach().cpu(), completion_ids=ids[i * g:(i + 1) * g],
             completion_mask=msk[i * g:(i + 1) * g], behaviour_logprobs=lp[i * g:(i + 1) * g],
-            rewards=rewards[i].detach().cpu(), step=int(self.global_step), completions=texts[i * g:(i + 1) * g],
+            rewards=rewards[i].detach().cpu(), step=step, completions=texts[i * g:(i + 1) * g],
             advantages=advantages[i].detach().cpu(),
         ) for i in range(len(prompt_ids))]
 
@@ -289,3 +308,25 @@ class GRPOUnlearningModule(L.LightningModule):
             from rerule_lightning.policy import save_policy
 
             save_policy(self.model, self.tokenizer, self.hparams.export_dir)
+
+    # ------------------------------------------------------------ evaluation
+    def setup(self, stage: str) -> None:
+        setup_evaluator(self)
+
+    def on_validation_start(self) -> None:
+        prepare_reference(self)
+
+    def on_test_start(self) -> None:
+        prepare_reference(self)
+
+    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        evaluation_step(self, batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        evaluation_step(self, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        evaluation_epoch_end(self, write_report=False)
+
+    def on_test_epoch_end(self) -> None:
+        evaluation_epoch_end(self, write_report=True)

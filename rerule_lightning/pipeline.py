@@ -58,8 +58,14 @@ def _evaluate(model_dir: str, out_dir: str, common: list[str], retain_dir: str) 
 
 
 def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_uri: str,
-             experiment: str, cache_dir: str, overlays: dict[str, list[str]] | None = None) -> list[StageResult]:
-    """Rejection steering, then RULE (and any overlay variants), each evaluated, for one seed."""
+             experiment: str, cache_dir: str, overlays: dict[str, list[str]] | None = None,
+             rule_extra: list[str] | None = None) -> list[StageResult]:
+    """Rejection steering, then RULE and any overlay variants (each from the same RS model), each evaluated.
+
+    Args:
+        overlays: Variant name → extra CLI arguments (e.g. ``["--config", "configs/replay/hard_case.yaml"]``).
+        rule_extra: Extra CLI arguments of the plain RULE run (the overlays carry their own).
+    """
     links = os.path.join(cache_dir, "embedded")
     common = ["--trainer.logger.init_args.tracking_uri", tracking_uri,
               "--trainer.logger.init_args.experiment_name", experiment]
@@ -76,7 +82,7 @@ def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_
     rs_run = _run_id(cli)
     metrics, eval_run = _evaluate(rs_dir, os.path.join(sdir, "rs_eval"), [*common, *data], os.path.join(links, "retain"))
     results.append(StageResult("rejection steering", seed, metrics, secs, {"fit": rs_run, "eval": eval_run}))
-    for name, extra in {"RULE": [], **(overlays or {})}.items():
+    for name, extra in {"RULE": list(rule_extra or []), **(overlays or {})}.items():
         tag = name.lower().replace(" ", "_")
         out = os.path.join(sdir, tag)
         cli, secs = _run(["fit", "--config", "configs/embedded/rule.yaml", *extra, *common, *data,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -57,6 +57,16 @@ class PolicyConfig:
             raise ValueError(f"policy.dtype={self.dtype!r}: choose one of {sorted(_DTYPES)}")
         if self.lora_r < 1:
             raise ValueError(f"policy.lora_r={self.lora_r}: must be >= 1")
+
+
+def plain_hparams(module: object, **configs: object) -> None:
+    """Store dataclass arguments in ``module.hparams`` as plain dicts.
+
+    Checkpoints then hold only plain types and load with ``torch.load(weights_only=True)``; a dataclass in
+    ``hparams`` would need an unpickling allow-list.
+    """
+    for name, cfg in configs.items():
+        module.hparams[name] = None if cfg is None else asdict(cfg)
 
 
 def _check_local(path: str, what: str) -> None:
@@ -116,6 +126,7 @@ def build_policy(cfg: PolicyConfig) -> torch.nn.Module:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            _keep_4bit_trainable_on_cpu(model)
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
@@ -124,6 +135,19 @@ def build_policy(cfg: PolicyConfig) -> torch.nn.Module:
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     return model.train()
+
+
+def _keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` repacks its weight into an inference-only layout on its
+    first eval-mode forward without grad (every rollout's ``generate``) and never unpacks it when training
+    resumes; from then on its matmul has no autograd kernel, so no gradient flows back through the frozen
+    base layers and every adapter before the last one in a block silently stops learning.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_peft(model: torch.nn.Module) -> bool:

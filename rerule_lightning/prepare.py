@@ -61,7 +61,12 @@ def _atomic_build(final: str, build: Any) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build(tmp)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):  # a concurrent prepare may have finished the same artefact first
+                raise
+            return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
@@ -156,7 +161,7 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
     console = Console(stderr=True, quiet=not progress)
     content = world.content_hash(include_preset=False)
     keys = {
-        "world": _hash(world.to_dict()),
+        "world": world.content_hash(include_preset=True),
         "tokenizer": _hash(content, vocab_size),
         "target": _hash(content, vocab_size, asdict(model), asdict(target_training), "target"),
         "retain": _hash(content, vocab_size, asdict(model), asdict(target_training), "retain"),

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from rerule_lightning.policy import PolicyConfig, build_policy, load_tokenizer, save_policy
+from rerule_lightning.policy import PolicyConfig, build_policy, load_tokenizer, plain_hparams, save_policy
 
 IGNORE_INDEX = -100
 
@@ -119,9 +119,10 @@ class SFTModule(L.LightningModule):
         super().__init__()
         if scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler={scheduler!r}: choose 'cosine' or 'constant'")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["policy", "init"])
         self.policy_cfg = policy or PolicyConfig()
         self.init = init
+        plain_hparams(self, policy=self.policy_cfg, init=self.init)
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
 

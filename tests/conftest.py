@@ -29,6 +29,8 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from rerule_lightning.sft import TinyLlamaConfig
 
     quiet_libraries()
-    cache = tmp_path_factory.mktemp("rerule-cache")
+    # Artefacts are keyed by config hash, so a persistent cache is safe and saves rebuilding between runs.
+    cache = os.environ.get("RERULE_TEST_CACHE") or os.path.join(os.path.dirname(__file__), "..", ".cache",
+                                                                 "test-fixture")
     return prepare(WorldConfig(**TINY_WORLD), TinyLlamaConfig(**TINY_MODEL), SFTTrainConfig(**TINY_TRAIN),
                    vocab_size=512, cache_dir=str(cache), report=True, progress=False)

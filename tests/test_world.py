@@ -175,11 +175,13 @@ def test_perturbed_answers_are_wrong_distinct_and_keep_the_template(worlds: dict
         assert len(r["perturbed_answer"]) == CONFIGS[name].num_perturbed >= 3
         assert len(set(r["perturbed_answer"])) == len(r["perturbed_answer"])
         assert r["answer"] not in r["perturbed_answer"]
-        assert r["answer"].count(r["value"]) == 1
-        prefix, suffix = r["answer"].split(r["value"])
+        assert r["paraphrased_answer"] not in r["perturbed_answer"]
+        # TOFU's convention: perturbed answers are the *paraphrased* answer with a wrong value
+        assert r["paraphrased_answer"].count(r["value"]) == 1
+        prefix, suffix = r["paraphrased_answer"].split(r["value"])
         wrong_values = set()
         for p in r["perturbed_answer"]:
-            assert p.startswith(prefix) and p.endswith(suffix), (r["answer"], p)
+            assert p.startswith(prefix) and p.endswith(suffix), (r["paraphrased_answer"], p)
             w = p[len(prefix): len(p) - len(suffix)]
             assert w != r["value"] and w in pools[r["kind"]]
             wrong_values.add(w)
