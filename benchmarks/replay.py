@@ -45,16 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     from rerule_lightning.cli import main as cli_main
 
     cli_main(["prepare", "--config", "configs/embedded/prepare.yaml", "--cache_dir", args.cache_dir])
+    # cheap curves during fit: the two boundary splits, 100 items each; the final evaluation covers everything
     val = ["--trainer.val_check_interval", str(args.val_every), "--trainer.limit_val_batches", "1.0",
-           "--trainer.check_val_every_n_epoch", "null"]
+           "--trainer.check_val_every_n_epoch", "null", "--data.init_args.eval_splits", "[boundary_hard,boundary_easy]",
+           "--data.init_args.eval_max_items", "100"]
     overlays = {name: [*VARIANTS[name], *val] for name in args.variants}
     all_rows, all_results = [], []
     t0 = time.perf_counter()
     for preset in args.presets:
         results: list[StageResult] = []
         for seed in args.seeds:
-            out = os.path.join(args.output_dir, preset)
-            results += run_seed(seed, out, preset, args.steps, args.tracking_uri, args.experiment, args.cache_dir,
+            results += run_seed(seed, args.output_dir, preset, args.steps, args.tracking_uri, args.experiment, args.cache_dir,
                                 overlays=overlays, rule_extra=val)
         for row in summarise(results):
             all_rows.append({"preset": preset, **row})

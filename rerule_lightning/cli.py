@@ -61,21 +61,32 @@ def prepare_main(argv: list[str]) -> Any:
 
 
 def lightning_main(argv: list[str], run: bool = True) -> Any:
-    """``rerule fit | validate | test``: LightningCLI with MLflow and our config-artifact callback."""
+    """``rerule fit | validate | test``: LightningCLI with MLflow and our config-artifact callback.
+
+    With ``run=False`` the config is parsed and every class instantiated, nothing is run (no weights are
+    loaded: that happens in ``configure_model``). ``argv`` may then still start with a subcommand, whose own
+    options (``ckpt_path``, ``verbose``, ...) are parsed as usual.
+    """
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
     from rerule_lightning.tracking import MLflowSaveConfigCallback
 
+    cli_class = LightningCLI
     if not run and argv and argv[0] in ("fit", "validate", "test", "predict"):
-        argv = argv[1:]  # LightningCLI(run=False) takes no subcommand: it only parses and instantiates
+        # LightningCLI(run=False) accepts no subcommand; parse it as run=True would, but skip running it.
+        class InstantiateOnlyCLI(LightningCLI):
+            def _run_subcommand(self, subcommand: str) -> None:
+                return None
+
+        cli_class, run = InstantiateOnlyCLI, True
     trainer_defaults = {
         "logger": {
             "class_path": "lightning.pytorch.loggers.MLFlowLogger",
             "init_args": {"experiment_name": "rerule", "tracking_uri": DEFAULT_TRACKING_URI},
         },
     }
-    return LightningCLI(
+    return cli_class(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         trainer_defaults=trainer_defaults, save_config_callback=MLflowSaveConfigCallback,
         save_config_kwargs={"overwrite": True}, args=argv, run=run, auto_configure_optimizers=False,

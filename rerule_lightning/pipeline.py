@@ -73,26 +73,34 @@ def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_
     sdir = os.path.join(output_dir, f"seed{seed}")
     rs_dir = os.path.join(sdir, "rs")
     results: list[StageResult] = []
-    cli, secs = _run(["fit", "--config", "configs/embedded/rs.yaml", *common, *data,
-                      "--data.init_args.tokenizer", os.path.join(links, "tokenizer"),
-                      "--model.init_args.policy.name_or_path", os.path.join(links, "target"),
-                      "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-                      "--model.init_args.export_dir", rs_dir,
-                      "--trainer.default_root_dir", os.path.join(sdir, "rs_logs")])
-    rs_run = _run_id(cli)
-    metrics, eval_run = _evaluate(rs_dir, os.path.join(sdir, "rs_eval"), [*common, *data], os.path.join(links, "retain"))
-    results.append(StageResult("rejection steering", seed, metrics, secs, {"fit": rs_run, "eval": eval_run}))
+    rs_record = os.path.join(sdir, "rs_result.json")
+    if os.path.exists(rs_record) and os.path.isdir(rs_dir):  # shared by every preset and variant of this seed
+        results.append(StageResult(**json.load(open(rs_record))))
+    else:
+        cli, secs = _run(["fit", "--config", "configs/embedded/rs.yaml", *common, *data,
+                          "--data.init_args.tokenizer", os.path.join(links, "tokenizer"),
+                          "--model.init_args.policy.name_or_path", os.path.join(links, "target"),
+                          "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
+                          "--model.init_args.export_dir", rs_dir,
+                          "--trainer.default_root_dir", os.path.join(sdir, "rs_logs")])
+        rs_run = _run_id(cli)
+        metrics, eval_run = _evaluate(rs_dir, os.path.join(sdir, "rs_eval"), [*common, *data],
+                                      os.path.join(links, "retain"))
+        results.append(StageResult("rejection steering", seed, metrics, secs, {"fit": rs_run, "eval": eval_run}))
+        with open(rs_record, "w") as f:
+            json.dump(results[-1].__dict__, f)
+    pdir = os.path.join(sdir, preset)
     for name, extra in {"RULE": list(rule_extra or []), **(overlays or {})}.items():
-        tag = name.lower().replace(" ", "_")
-        out = os.path.join(sdir, tag)
+        tag = "".join(c if c.isalnum() else "_" for c in name.lower())
+        out = os.path.join(pdir, tag)
         cli, secs = _run(["fit", "--config", "configs/embedded/rule.yaml", *extra, *common, *data,
                           "--data.init_args.preset", preset, "--trainer.max_steps", str(rule_steps),
                           "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
                           "--model.init_args.seed", str(seed), "--model.init_args.policy.name_or_path", rs_dir,
                           "--model.init_args.export_dir", out,
-                          "--trainer.default_root_dir", os.path.join(sdir, f"{tag}_logs")])
+                          "--trainer.default_root_dir", os.path.join(pdir, f"{tag}_logs")])
         fit_run = _run_id(cli)
-        metrics, eval_run = _evaluate(out, os.path.join(sdir, f"{tag}_eval"), [*common, *data],
+        metrics, eval_run = _evaluate(out, os.path.join(pdir, f"{tag}_eval"), [*common, *data],
                                       os.path.join(links, "retain"))
         results.append(StageResult(name, seed, metrics, secs, {"fit": fit_run, "eval": eval_run}))
     return results

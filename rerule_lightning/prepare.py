@@ -158,7 +158,7 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
     world = world or WorldConfig()
     model = model or TinyLlamaConfig()
     target_training = target_training or SFTTrainConfig()
-    console = Console(stderr=True, quiet=not progress)
+    console = Console(stderr=True)
     content = world.content_hash(include_preset=False)
     keys = {
         "world": world.content_hash(include_preset=True),

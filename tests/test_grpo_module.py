@@ -3,6 +3,7 @@ RolloutGroup contract with replay callbacks, and constructor validation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -23,6 +24,15 @@ B = 4  # prompts per step (2 forget + 2 boundary)
 # first step on; lr 1e-2 without weight decay or grad clipping moves every parameter that gets a gradient.
 MODULE_ARGS = dict(num_generations=G, max_new_tokens=8, temperature=2.0, learning_rate=1e-2, weight_decay=0.0,
                    max_grad_norm=0.0, beta=0.1, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: a second intra-op thread only waits for a busy core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make(tiny: dict, peft: str = "full", **overrides: Any) -> tuple[GRPOUnlearningModule, ForgetRetainDataModule]:
