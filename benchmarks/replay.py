@@ -26,7 +26,9 @@ VARIANTS = {
     "ReRULE (hard-case)": ["--config", "configs/replay/hard_case.yaml"],
     "random replay": ["--config", "configs/replay/random.yaml"],
     "ReRULE without IS": ["--config", "configs/replay/hard_case_no_is.yaml"],
+    "ReRULE (boundary groups)": ["--config", "configs/replay/hard_case_boundary.yaml"],
 }
+DEFAULT_VARIANTS = ["ReRULE (hard-case)", "random replay", "ReRULE without IS"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="rerule-replay-bench")
     ap.add_argument("--cache_dir", default=".cache/rerule")
     ap.add_argument("--val_every", type=int, default=20, help="validation interval (steps) for the curves")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    ap.add_argument("--no_baseline", action="store_true", help="skip the plain RULE run (already in another table)")
     args = ap.parse_args(argv)
 
     from rerule_lightning.cli import main as cli_main
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         results: list[StageResult] = []
         for seed in args.seeds:
             results += run_seed(seed, args.output_dir, preset, args.steps, args.tracking_uri, args.experiment, args.cache_dir,
-                                overlays=overlays, rule_extra=val)
+                                overlays=overlays, rule_extra=None if args.no_baseline else val,
+                                include_rule=not args.no_baseline)
         for row in summarise(results):
             all_rows.append({"preset": preset, **row})
         all_results += [{"preset": preset, **r.__dict__} for r in results]

@@ -46,7 +46,7 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|defined a `validation_step`"
-                                              r"|module\(s\) in eval mode|no `validation_step`).*")
+                                              r"|module\(s\) in eval mode|no `validation_step`|LightningCLI.s args parameter).*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 

@@ -1,7 +1,8 @@
 """``rerule demo``: the main job on the embedded default, through the same CLI a user types.
 
-prepare → rejection steering (``configs/embedded/rs.yaml``) → RULE (``configs/embedded/rule.yaml``) →
-evaluation (``configs/embedded/eval.yaml``) of the rejection-steered and the unlearned model, for each seed,
+prepare → rejection steering (``configs/embedded/rs.yaml``) → RULE (``configs/embedded/rule.yaml``) and
+ReRULE (the same plus ``configs/replay/hard_case.yaml``), both from the same rejection-steered model →
+evaluation (``configs/embedded/eval.yaml``) of every model, for each seed,
 then a results table (forget refusal, boundary accuracy by kind, retain accuracy, wall-clock per stage, MLflow
 run ids), also written to ``<output_dir>/results.json`` and ``results.md``.
 """
@@ -59,12 +60,13 @@ def _evaluate(model_dir: str, out_dir: str, common: list[str], retain_dir: str) 
 
 def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_uri: str,
              experiment: str, cache_dir: str, overlays: dict[str, list[str]] | None = None,
-             rule_extra: list[str] | None = None) -> list[StageResult]:
+             rule_extra: list[str] | None = None, include_rule: bool = True) -> list[StageResult]:
     """Rejection steering, then RULE and any overlay variants (each from the same RS model), each evaluated.
 
     Args:
         overlays: Variant name → extra CLI arguments (e.g. ``["--config", "configs/replay/hard_case.yaml"]``).
         rule_extra: Extra CLI arguments of the plain RULE run (the overlays carry their own).
+        include_rule: Run the plain RULE baseline (off when another table already has it).
     """
     links = os.path.join(cache_dir, "embedded")
     common = ["--trainer.logger.init_args.tracking_uri", tracking_uri,
@@ -90,7 +92,8 @@ def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_
         with open(rs_record, "w") as f:
             json.dump(results[-1].__dict__, f)
     pdir = os.path.join(sdir, preset)
-    for name, extra in {"RULE": list(rule_extra or []), **(overlays or {})}.items():
+    variants = {"RULE": list(rule_extra or [])} if include_rule else {}
+    for name, extra in {**variants, **(overlays or {})}.items():
         tag = "".join(c if c.isalnum() else "_" for c in name.lower())
         out = os.path.join(pdir, tag)
         cli, secs = _run(["fit", "--config", "configs/embedded/rule.yaml", *extra, *common, *data,
@@ -132,7 +135,15 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+REPLAY_OVERLAYS = {
+    "hard_case": ("ReRULE (hard-case)", "configs/replay/hard_case.yaml"),
+    "random": ("random replay", "configs/replay/random.yaml"),
+    "hard_case_no_is": ("ReRULE without IS", "configs/replay/hard_case_no_is.yaml"),
+}
+
+
 def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int = 60,
+         replay: list[str] | None = None,
          output_dir: str = "runs/demo", tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "rerule-demo",
          prepare_config: str = "configs/embedded/prepare.yaml", cache_dir: str = ".cache/rerule") -> list[dict]:
     """Run the main job and print its results table.
@@ -140,7 +151,10 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
     Args:
         seeds: Seeds of the rejection-steering and RULE stages (the world and target model are fixed).
         preset: RL boundary pool: ``hard`` (20 % same-family prompts) or ``easy``.
-        rule_steps: GRPO steps of the RULE stage.
+        rule_steps: GRPO steps of the RULE stage (and of every replay variant: equal budgets).
+        replay: Replay variants run side by side with RULE from the same rejection-steered model
+            (``hard_case``, ``random``, ``hard_case_no_is``); default ``[hard_case]`` (ReRULE); ``[]`` for
+            RULE alone.
         output_dir: Where models, eval reports and the results table are written.
         tracking_uri: MLflow tracking URI (``sqlite:///mlflow.db`` or ``http://host:port``).
         experiment: MLflow experiment name.
@@ -155,13 +169,19 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
     if preset not in ("easy", "hard"):
         raise ValueError(f"--preset={preset!r}: choose 'easy' or 'hard'")
     seeds = [0] if seeds is None else list(seeds)
+    replay = ["hard_case"] if replay is None else list(replay)
+    unknown = [r for r in replay if r not in REPLAY_OVERLAYS]
+    if unknown:
+        raise ValueError(f"--replay: unknown variant(s) {unknown}; choose from {sorted(REPLAY_OVERLAYS)}")
+    overlays = {REPLAY_OVERLAYS[r][0]: ["--config", REPLAY_OVERLAYS[r][1]] for r in replay}
     console = Console()
     t0 = time.perf_counter()
     cli_main(["prepare", "--config", prepare_config, "--cache_dir", cache_dir])
     prep_secs = time.perf_counter() - t0
     results: list[StageResult] = []
     for seed in seeds:
-        results += run_seed(seed, output_dir, preset, rule_steps, tracking_uri, experiment, cache_dir)
+        results += run_seed(seed, output_dir, preset, rule_steps, tracking_uri, experiment, cache_dir,
+                            overlays=overlays)
     rows = summarise(results)
     table = Table(title=f"rerule demo: embedded '{preset}' preset, {len(seeds)} seed(s), mean ± std")
     for col in ["stage", *COLUMNS.values(), "fit s"]:

@@ -6,9 +6,11 @@ Contract between :class:`~rerule_lightning.grpo_module.GRPOUnlearningModule` and
   groups of this step (one per prompt), on CPU, with the tensors described below. A callback reads them in
   ``on_train_batch_end(trainer, module, outputs, batch, batch_idx)`` as ``outputs["groups"]``.
 * A callback may put previously stored groups into the batch in ``on_train_batch_start`` as
-  ``batch["replay"] = list[RolloutGroup]``, each with ``advantages`` and ``is_weight_cap`` etc. decided by
-  the callback (see :class:`ReplaySpec`). The module adds their off-policy loss to the fresh loss and never
-  re-generates them.
+  ``batch["replay"] = list[RolloutGroup]``, each with ``advantages`` set by the callback, and the correction
+  settings as ``batch["replay_options"] = {"correction", "level", "cap", "weight"}``. The module adds their
+  off-policy loss (:meth:`GRPOUnlearningModule.replay_loss`) to the fresh loss and never re-generates them.
+* Every tensor of a group is on CPU and the group converts to plain types (:meth:`RolloutGroup.to_state`), so
+  a buffer of groups checkpoints with ``torch.save`` and loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
