@@ -13,17 +13,12 @@ from typing import Any
 import lightning as L
 import torch
 
-from rerule_lightning.eval_report import (
-    evaluation_epoch_end,
-    evaluation_step,
-    prepare_reference,
-    setup_evaluator,
-)
+from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
 from rerule_lightning.policy import PolicyConfig, load_base_model, load_tokenizer, plain_hparams
 
 
-class EvalModule(L.LightningModule):
+class EvalModule(EvaluationHooks, L.LightningModule):
     """Evaluation only: loads ``policy.name_or_path`` frozen and computes the unlearning metrics per split.
 
     Args:
@@ -49,24 +44,3 @@ class EvalModule(L.LightningModule):
             return
         self.tokenizer = load_tokenizer(self.policy_cfg)
         self.model = load_base_model(self.policy_cfg.name_or_path, self.policy_cfg).eval().requires_grad_(False)
-
-    def setup(self, stage: str) -> None:
-        setup_evaluator(self)
-
-    def on_validation_start(self) -> None:
-        prepare_reference(self)
-
-    def on_test_start(self) -> None:
-        prepare_reference(self)
-
-    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        evaluation_step(self, batch, dataloader_idx)
-
-    def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        evaluation_step(self, batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        evaluation_epoch_end(self, write_report=False)
-
-    def on_test_epoch_end(self) -> None:
-        evaluation_epoch_end(self, write_report=True)

@@ -257,3 +257,32 @@ def _log_artifact(module: Any, path: str) -> None:
 __all__ = ["compute_reference", "default_reference_cache", "dir_signature", "evaluate_items",
            "evaluation_epoch_end", "evaluation_step", "prepare_reference", "print_summary", "report_identifiers",
            "setup_evaluator"]
+
+
+class EvaluationHooks:
+    """Validation / test hooks that run an :class:`UnlearningEvaluator`; mix into a LightningModule.
+
+    The module provides ``model``, ``tokenizer`` and ``hparams`` with ``eval_reference``, ``eval_report_path``
+    and ``eval_max_new_tokens``; validation logs ``split/metric`` aggregates, test also writes the report.
+    """
+
+    def setup(self, stage: str) -> None:
+        setup_evaluator(self)
+
+    def on_validation_start(self) -> None:
+        prepare_reference(self)
+
+    def on_test_start(self) -> None:
+        prepare_reference(self)
+
+    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        evaluation_step(self, batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
+        evaluation_step(self, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        evaluation_epoch_end(self, write_report=False)
+
+    def on_test_epoch_end(self) -> None:
+        evaluation_epoch_end(self, write_report=True)

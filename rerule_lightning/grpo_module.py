@@ -28,12 +28,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from rerule_lightning.eval_report import (
-    evaluation_epoch_end,
-    evaluation_step,
-    prepare_reference,
-    setup_evaluator,
-)
+from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
 from rerule_lightning.grpo import aggregate_loss, group_advantages, grpo_loss, off_policy_loss, token_logprobs
 from rerule_lightning.policy import (
@@ -48,7 +43,7 @@ from rerule_lightning.rewards import get_reward_fn
 from rerule_lightning.rollout import RolloutGroup, completion_mask_from_ids, pack_sequences
 
 
-class GRPOUnlearningModule(L.LightningModule):
+class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
     """GRPO on forget and boundary prompts with verifiable RULE rewards (manual optimization).
 
     Args:
@@ -308,25 +303,3 @@ class GRPOUnlearningModule(L.LightningModule):
             from rerule_lightning.policy import save_policy
 
             save_policy(self.model, self.tokenizer, self.hparams.export_dir)
-
-    # ------------------------------------------------------------ evaluation
-    def setup(self, stage: str) -> None:
-        setup_evaluator(self)
-
-    def on_validation_start(self) -> None:
-        prepare_reference(self)
-
-    def on_test_start(self) -> None:
-        prepare_reference(self)
-
-    def validation_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        evaluation_step(self, batch, dataloader_idx)
-
-    def test_step(self, batch: dict[str, list[Any]], batch_idx: int, dataloader_idx: int = 0) -> None:
-        evaluation_step(self, batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        evaluation_epoch_end(self, write_report=False)
-
-    def on_test_epoch_end(self) -> None:
-        evaluation_epoch_end(self, write_report=True)

@@ -3,7 +3,6 @@ and the ``rerule fit`` path runs RULE and rejection steering from YAML on the ti
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,7 @@ QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
 LIGHTNING_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p != PREPARE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: a second intra-op thread only waits for a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -3,7 +3,6 @@ RolloutGroup contract with replay callbacks, and constructor validation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -16,7 +15,7 @@ from rerule_lightning.grpo_module import GRPOUnlearningModule
 from rerule_lightning.policy import PolicyConfig, reference_context
 from rerule_lightning.rollout import RolloutGroup, completion_mask_from_ids, pack_sequences
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 G = 4  # completions per prompt
 B = 4  # prompts per step (2 forget + 2 boundary)
@@ -26,13 +25,6 @@ MODULE_ARGS = dict(num_generations=G, max_new_tokens=8, temperature=2.0, learnin
                    max_grad_norm=0.0, beta=0.1, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: a second intra-op thread only waits for a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make(tiny: dict, peft: str = "full", **overrides: Any) -> tuple[GRPOUnlearningModule, ForgetRetainDataModule]:

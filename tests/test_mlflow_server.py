@@ -17,12 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 import yaml
 
 from rerule_lightning.cli import main
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "configs" / "embedded" / "rule.yaml"
@@ -30,13 +29,6 @@ STARTUP_TIMEOUT_S = 180  # generous: the first start migrates a fresh sqlite sto
 METRIC_KEY = re.compile(r"^[a-z0-9_/.]+$")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: a second intra-op thread only waits for a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _free_port() -> int:
