@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,7 +175,7 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
     if unknown:
         raise ValueError(f"--replay: unknown variant(s) {unknown}; choose from {sorted(REPLAY_OVERLAYS)}")
     overlays = {REPLAY_OVERLAYS[r][0]: ["--config", REPLAY_OVERLAYS[r][1]] for r in replay}
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     t0 = time.perf_counter()
     cli_main(["prepare", "--config", prepare_config, "--cache_dir", cache_dir])
     prep_secs = time.perf_counter() - t0
@@ -183,12 +184,14 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
         results += run_seed(seed, output_dir, preset, rule_steps, tracking_uri, experiment, cache_dir,
                             overlays=overlays)
     rows = summarise(results)
-    table = Table(title=f"rerule demo: embedded '{preset}' preset, {len(seeds)} seed(s), mean ± std")
+    title = f"rerule demo: embedded '{preset}' preset, " + (f"seed {seeds[0]}" if len(seeds) == 1 else
+                                                              f"{len(seeds)} seeds, mean ± std")
+    table = Table(title=title)
     for col in ["stage", *COLUMNS.values(), "fit s"]:
         table.add_column(col)
+    fmt = (lambda m: f"{m[0]:.3f}") if len(seeds) == 1 else (lambda m: f"{m[0]:.3f}±{m[1]:.3f}")
     for r in rows:
-        table.add_row(r["stage"], *[f"{r[k][0]:.3f}±{r[k][1]:.3f}" for k in COLUMNS],
-                      f"{r['fit_seconds'][0]:.0f}")
+        table.add_row(r["stage"], *[fmt(r[k]) for k in COLUMNS], f"{r['fit_seconds'][0]:.0f}")
     console.print(table)
     for res in results:
         console.print(f"seed {res.seed} {res.stage}: MLflow runs fit={res.run_ids['fit']} eval={res.run_ids['eval']}")
