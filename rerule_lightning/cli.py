@@ -96,8 +96,9 @@ def lightning_main(argv: list[str], run: bool = True) -> Any:
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``rerule`` console script.
 
-    Configuration errors (``ValueError``, ``FileNotFoundError``) raised before training are reported as one
-    ``rerule: error: ...`` line with exit status 2 instead of a traceback; set ``RERULE_DEBUG=1`` to see it.
+    ``ValueError`` and ``FileNotFoundError`` (what our config, path and input checks raise, before training)
+    are reported as one ``rerule: error: ...`` line with exit status 2 instead of a traceback; set
+    ``RERULE_DEBUG=1`` to see the traceback (also for such an error raised later, during training).
     """
     try:
         return _dispatch(argv)
@@ -113,7 +114,6 @@ def _dispatch(argv: list[str] | None) -> Any:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_DESTINATION_PROXY", "true")
     quiet_libraries()
     cmd, rest = argv[0], argv[1:]
     if cmd == "prepare":

@@ -30,7 +30,14 @@ import torch
 
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
-from rerule_lightning.grpo import aggregate_loss, group_advantages, grpo_loss, off_policy_loss, token_logprobs
+from rerule_lightning.grpo import (
+    aggregate_loss,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    off_policy_loss,
+    token_logprobs,
+)
 from rerule_lightning.policy import (
     PolicyConfig,
     build_policy,
@@ -199,6 +206,7 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             with torch.no_grad():
                 ref_logp, _ = self.sequence_logprobs(p_ids, completion_ids, mask, reference=True)  # [B*G, T']
         replay: list[RolloutGroup] = list(batch.get("replay") or [])
+        replayed = self.replay_inputs(replay) if replay else None
         opt = self.optimizers()
         old_logp = None
         stats: dict[str, torch.Tensor] = {}
@@ -213,8 +221,8 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                                     eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip,
                                     loss_type=h.loss_type, max_completion_length=h.max_new_tokens,
                                     num_active_tokens=float(active))
-            if replay:
-                r_loss, r_stats = self.replay_loss(replay, batch.get("replay_options") or {})
+            if replayed is not None:
+                r_loss, r_stats = self.replay_loss(replayed, batch.get("replay_options") or {})
                 loss = loss + r_loss
                 stats.update(r_stats)
             opt.zero_grad()
@@ -228,16 +236,14 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         self._log_step(loss, stats, rewards, mask, batch, b)
         return {"loss": loss.detach(), "groups": groups}
 
-    def replay_loss(self, replay: list[RolloutGroup],
-                    opts: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Off-policy loss of replayed groups (their stored completions, behaviour log-probs, advantages).
+    def replay_inputs(self, replay: list[RolloutGroup]) -> dict[str, Any]:
+        """Everything the replayed loss needs that does not change across the μ iterations of a step.
+
+        Pads the stored groups to one length and, with β > 0, computes their reference log-probs once.
 
         Args:
             replay: Groups placed in ``batch["replay"]`` by a replay callback, ``advantages`` set.
-            opts: ``batch["replay_options"]``: ``correction`` (truncated / clipped / none), ``level``
-                (token / sequence), ``cap`` (c̄) and ``weight`` (``replay_loss_weight``).
         """
-        h = self.hparams
         dev = self.device
         p_ids = [grp.prompt_ids.to(dev) for grp in replay for _ in range(grp.num_completions)]
         t = max(grp.completion_ids.size(1) for grp in replay)
@@ -246,21 +252,39 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             xs = [getattr(grp, name) for grp in replay]
             return torch.cat([torch.nn.functional.pad(x, (0, t - x.size(1)), value=fill) for x in xs]).to(dev)
 
-        c_ids = cat("completion_ids", float(self.tokenizer.pad_token_id)).long()  # [R*G, T]
-        c_mask = cat("completion_mask", 0.0)  # [R*G, T]
-        beh = cat("behaviour_logprobs", 0.0)  # [R*G, T]
-        adv = torch.cat([grp.advantages for grp in replay]).to(dev).float()  # [R*G]
-        logp, m = self.sequence_logprobs(p_ids, c_ids, c_mask)  # [R*G, T']
-        beh = beh[:, : logp.size(1)]  # [R*G, T']
-        per_tok, stats = off_policy_loss(logp, beh, adv, m, correction=opts.get("correction", "truncated"),
+        inputs = {
+            "prompt_ids": p_ids,
+            "completion_ids": cat("completion_ids", float(self.tokenizer.pad_token_id)).long(),  # [R*G, T]
+            "completion_mask": cat("completion_mask", 0.0),  # [R*G, T]
+            "behaviour_logprobs": cat("behaviour_logprobs", 0.0),  # [R*G, T]
+            "advantages": torch.cat([grp.advantages for grp in replay]).to(dev).float(),  # [R*G]
+            "ref_logprobs": None,
+        }
+        if self.hparams.beta > 0:
+            with torch.no_grad():
+                inputs["ref_logprobs"], _ = self.sequence_logprobs(
+                    p_ids, inputs["completion_ids"], inputs["completion_mask"], reference=True)  # [R*G, T']
+        return inputs
+
+    def replay_loss(self, inputs: dict[str, Any],
+                    opts: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Off-policy loss of replayed groups (their stored completions, behaviour log-probs, advantages).
+
+        Args:
+            inputs: :meth:`replay_inputs` of the groups in ``batch["replay"]``.
+            opts: ``batch["replay_options"]``: ``correction`` (truncated / clipped / none), ``level``
+                (token / sequence), ``cap`` (c̄) and ``weight`` (``replay_loss_weight``).
+        """
+        h = self.hparams
+        logp, m = self.sequence_logprobs(inputs["prompt_ids"], inputs["completion_ids"],
+                                         inputs["completion_mask"])  # [R*G, T']
+        beh = inputs["behaviour_logprobs"][:, : logp.size(1)]  # [R*G, T']
+        per_tok, stats = off_policy_loss(logp, beh, inputs["advantages"], m,
+                                         correction=opts.get("correction", "truncated"),
                                          level=opts.get("level", "token"), cap=opts.get("cap", 2.0),
                                          eps_low=h.epsilon_low, eps_high=h.epsilon_high)
-        if h.beta > 0:
-            with torch.no_grad():
-                ref, _ = self.sequence_logprobs(p_ids, c_ids, c_mask, reference=True)  # [R*G, T']
-            from rerule_lightning.grpo import k3_kl
-
-            per_tok = per_tok + h.beta * k3_kl(logp, ref)
+        if inputs["ref_logprobs"] is not None:
+            per_tok = per_tok + h.beta * k3_kl(logp, inputs["ref_logprobs"])
         loss = aggregate_loss(per_tok, m, h.loss_type, max_completion_length=h.max_new_tokens,
                               num_active_tokens=float(m.sum()))
         return opts.get("weight", 1.0) * loss, {f"replay/{k}": v for k, v in stats.items()}
