@@ -22,6 +22,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.embedded import load_world
+from rerule_lightning.eval_suite import EvalSuite, embedded_suite
 from rerule_lightning.prompting import format_prompt
 
 EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
@@ -131,6 +132,8 @@ class ForgetRetainDataModule(L.LightningDataModule):
             raise ValueError(f"data.eval_splits: unknown split(s) {unknown}; choose from {list(EVAL_SPLITS)}")
         self.save_hyperparameters()
         self.eval_splits = splits
+        #: What is evaluated: every metric on every split, forget quality, MIA forget vs holdout, utility.
+        self.eval_suite: EvalSuite = embedded_suite(splits)
         self.world: Any = None
         self.pool: list[dict] = []
         self._train: BalancedPromptBatches | None = None

@@ -4,8 +4,10 @@ The glue functions take the LightningModule, so :class:`rerule_lightning.grpo_mo
 and :class:`rerule_lightning.eval_module.EvalModule` share one implementation. They expect the module to
 have ``hparams.eval_reference``, ``hparams.eval_report_path``, ``hparams.eval_max_new_tokens``,
 ``policy_cfg``, ``model``, ``tokenizer`` and an ``evaluator`` attribute (``None`` until ``setup``), and the
-datamodule to have ``eval_splits`` (and ``world_dir`` / ``eval_max_items`` / ``eval_batch_size`` / ``seed``
-hyper-parameters, as :class:`datamodules.forget_retain.ForgetRetainDataModule` does).
+datamodule to have ``eval_splits`` and ``eval_suite`` (:class:`rerule_lightning.eval_suite.EvalSuite`), and either
+``world_dir`` / ``eval_max_items`` / ``eval_batch_size`` / ``seed`` hyper-parameters (the embedded
+:class:`datamodules.forget_retain.ForgetRetainDataModule`) or ``data_signature()`` and rendered prompts
+(:class:`datamodules.benchmarks.base.BenchmarkDataModule`: the retain reference is computed from its own items).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from rerule_lightning.eval_suite import EvalSuite, embedded_suite
 from rerule_lightning.evaluator import FORGET, HOLDOUT, UnlearningEvaluator, write_json_atomic
 
 _SIGNATURE_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -74,30 +77,47 @@ def default_reference_cache(retain_model_dir: str) -> str:
     return os.path.join(folder, "eval_reference.json")
 
 
-def compute_reference(retain_model_dir: str, world_dir: str, cache_path: str | None = None, *,
+def compute_reference(retain_model_dir: str, world_dir: Any, cache_path: str | None = None, *,
                       eval_splits: Sequence[str] | None = None, eval_max_items: int | None = None, seed: int = 0,
                       batch_size: int = 64, k: float = 0.4, include_eos: bool = False,
                       use_chat_template: bool = False, dtype: str = "float32",
                       device: torch.device | str | None = None) -> dict[str, Any]:
     """The retain model's per-item forget truth ratios and forget-vs-holdout Min-K% AUC, computed once.
 
-    Items are those a ``ForgetRetainDataModule(world_dir, eval_splits=..., eval_max_items=..., seed=...)``
-    evaluates (so a subsample matches the evaluated one), scored by the evaluator's own teacher-forced
-    code path in the same batches. Results are cached in the JSON file ``cache_path`` (default
-    :func:`default_reference_cache`) under a hash of the retain model's files (name, size, mtime), the
-    world directory and these settings; the file is rewritten atomically.
+    ``world_dir`` is either the embedded world directory or a set-up benchmark datamodule (anything with
+    ``eval_suite``, ``eval_items`` and ``data_signature()``, e.g. :class:`datamodules.benchmarks.base.BenchmarkDataModule`).
+
+    Embedded world: items are those a ``ForgetRetainDataModule(world_dir, eval_splits=..., eval_max_items=...,
+    seed=...)`` evaluates (so a subsample matches the evaluated one). Benchmark datamodule: the datamodule's own
+    items of its suite's forget-quality split and MIA splits (``eval_splits``, ``eval_max_items`` and ``seed``
+    are then ignored: the datamodule already applied them). Either way they are scored by the evaluator's own
+    teacher-forced code path in the same batches, and cached in the JSON file ``cache_path`` (default
+    :func:`default_reference_cache`) under a hash of the retain model's files (name, size, mtime), the world
+    directory or the datamodule's ``data_signature()``, and these settings; the file is rewritten atomically.
 
     Returns:
         ``{"forget_truth_ratios": [...], "forget_ids": [...], "mia_auc": float | None, "key": str, ...}``.
     """
-    from datamodules.forget_retain import ForgetRetainDataModule
     from rerule_lightning.policy import PolicyConfig, load_base_model, load_tokenizer
 
-    splits = list(eval_splits) if eval_splits is not None else [FORGET, HOLDOUT]
-    splits += [s for s in (FORGET, HOLDOUT) if s not in splits]  # appended last: earlier subsamples unchanged
-    settings = {"eval_splits": splits, "eval_max_items": eval_max_items, "seed": seed, "batch_size": batch_size,
-                "k": k, "include_eos": include_eos, "use_chat_template": use_chat_template, "dtype": dtype}
-    key = _hash([dir_signature(retain_model_dir), dir_signature(world_dir), settings])
+    settings: dict[str, Any] = {"batch_size": batch_size, "k": k, "include_eos": include_eos,
+                                "use_chat_template": use_chat_template, "dtype": dtype}
+    if isinstance(world_dir, str):
+        from datamodules.forget_retain import ForgetRetainDataModule
+
+        splits = list(eval_splits) if eval_splits is not None else [FORGET, HOLDOUT]
+        splits += [s for s in (FORGET, HOLDOUT) if s not in splits]  # appended last: earlier subsamples unchanged
+        settings = {"eval_splits": splits, "eval_max_items": eval_max_items, "seed": seed, **settings}
+        key = _hash([dir_signature(retain_model_dir), dir_signature(world_dir), settings])
+        data_id = {"world_dir": os.path.realpath(world_dir)}
+        suite, dm = embedded_suite([FORGET, HOLDOUT]), None
+    else:
+        dm, full = world_dir, world_dir.eval_suite
+        names = list(dict.fromkeys(s for s in [full.forget_quality_split, *(full.mia or ())] if s))
+        suite = EvalSuite(full.name, [dataclasses.replace(full.spec(n), generate=False) for n in names],
+                          forget_quality_split=full.forget_quality_split, mia=full.mia)
+        key = _hash([dir_signature(retain_model_dir), dm.data_signature(), settings])
+        data_id = {"data_signature": dm.data_signature(), "source": getattr(dm, "source", None)}
     path = cache_path or default_reference_cache(retain_model_dir)
     cache = _read_json(path)
     if key in cache:
@@ -106,20 +126,22 @@ def compute_reference(retain_model_dir: str, world_dir: str, cache_path: str | N
     tokenizer = load_tokenizer(cfg)
     model = load_base_model(retain_model_dir, cfg).eval().requires_grad_(False)
     model.to(device if device is not None else "cpu")
-    dm = ForgetRetainDataModule(world_dir=world_dir, eval_splits=splits, eval_max_items=eval_max_items,
-                                eval_batch_size=batch_size, seed=seed)
-    dm.setup("test")
-    ev = UnlearningEvaluator([FORGET, HOLDOUT], max_new_tokens=0, k=k, batch_size=batch_size,
-                             include_eos=include_eos, use_chat_template=use_chat_template)
+    render = use_chat_template if dm is None else False  # benchmark items carry rendered prompts
+    if dm is None:
+        dm = ForgetRetainDataModule(world_dir=world_dir, eval_splits=splits, eval_max_items=eval_max_items,
+                                    eval_batch_size=batch_size, seed=seed)
+        dm.setup("test")
+    ev = UnlearningEvaluator(suite, max_new_tokens=0, k=k, batch_size=batch_size, include_eos=include_eos,
+                             use_chat_template=use_chat_template, render_prompts=render)
     evaluate_items(ev, model, tokenizer, dm.eval_items, batch_size)
     values = ev.compute()
     del model
-    auc = values.get("forget/mia_auc", math.nan)
-    ref = {"forget_truth_ratios": ev.metrics[FORGET]["truth_ratio"].per_item().tolist(),
-           "forget_ids": [r["id"] for r in ev.per_item() if r["split"] == FORGET],
+    fq, member = suite.forget_quality_split, (suite.mia or (None,))[0]
+    auc = values.get(f"{member}/mia_auc", math.nan)
+    ref = {"forget_truth_ratios": ev.metrics[fq]["truth_ratio"].per_item().tolist() if fq else [],
+           "forget_ids": [r["id"] for r in ev.per_item() if r["split"] == fq and math.isfinite(r["truth_ratio"])],
            "mia_auc": auc if math.isfinite(auc) else None, "key": key,
-           "retain_model": os.path.realpath(retain_model_dir), "world_dir": os.path.realpath(world_dir),
-           "settings": settings}
+           "retain_model": os.path.realpath(retain_model_dir), **data_id, "settings": settings}
     cache = _read_json(path)  # re-read: another process may have added entries meanwhile
     cache[key] = ref
     write_json_atomic(path, cache)
@@ -151,9 +173,11 @@ def setup_evaluator(module: Any) -> None:
     splits = getattr(dm, "eval_splits", None)
     if splits is None:
         return
+    renders = "prompt_format" in dm.hparams  # benchmark datamodules render prompts themselves
     module.evaluator = UnlearningEvaluator(
-        splits, max_new_tokens=module.hparams.eval_max_new_tokens,
-        batch_size=int(dm.hparams.get("eval_batch_size", 64)), use_chat_template=module.policy_cfg.use_chat_template)
+        getattr(dm, "eval_suite", None) or splits, max_new_tokens=module.hparams.eval_max_new_tokens,
+        batch_size=int(dm.hparams.get("eval_batch_size", 64)), use_chat_template=module.policy_cfg.use_chat_template,
+        render_prompts=False if renders else None)
 
 
 def prepare_reference(module: Any) -> None:
@@ -161,9 +185,10 @@ def prepare_reference(module: Any) -> None:
     ev, path = getattr(module, "evaluator", None), module.hparams.eval_reference
     if ev is None or not path or ev.retain_reference is not None:
         return
-    h = _datamodule(module).hparams
+    dm = _datamodule(module)
+    h = dm.hparams
     ev.set_reference(compute_reference(
-        path, h["world_dir"], eval_splits=ev.splits, eval_max_items=h.get("eval_max_items"),
+        path, dm if hasattr(dm, "data_signature") else h["world_dir"], eval_splits=ev.splits, eval_max_items=h.get("eval_max_items"),
         seed=h.get("seed", 0), batch_size=ev.batch_size, k=ev.k, include_eos=ev.include_eos,
         use_chat_template=ev.use_chat_template, dtype=module.policy_cfg.dtype, device=module.device))
 
@@ -240,7 +265,9 @@ def report_identifiers(module: Any) -> dict[str, Any]:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name_or_path": name, **dir_signature(name), "signature_hash": _hash(dir_signature(name))},
         "data": {"world_dir": world_dir, "resolved_path": os.path.realpath(world_dir) if world_dir else None,
-                 "world_config": _read_json(world_cfg_path) if world_cfg_path else None},
+                 "world_config": _read_json(world_cfg_path) if world_cfg_path else None,
+                 **({"source": dm.source, "data_signature": dm.data_signature()}
+                    if hasattr(dm, "data_signature") else {})},
         "config": config,
         "config_hash": _hash(config),
     }

@@ -16,9 +16,7 @@ Lightning glue, reference statistics and report writing live in :mod:`rerule_lig
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,8 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rerule_lightning.generation import greedy_generate
+from rerule_lightning.eval_suite import EvalSuite, SplitSpec, embedded_suite
+from rerule_lightning.generation import cut_at_stop, greedy_generate
 from rerule_lightning.grpo import token_logprobs
+from rerule_lightning.jsonio import write_json_atomic
 from rerule_lightning.metrics import (
     AnswerAccuracy,
     AnswerProbability,
@@ -43,9 +43,9 @@ from rerule_lightning.metrics import functional as MF
 from rerule_lightning.prompting import format_answer, format_prompt
 
 FORGET, HOLDOUT = "forget", "holdout"
-#: Splits whose probability, ROUGE-L recall and truth ratio enter model utility.
+#: Embedded world: splits whose probability, ROUGE-L recall and truth ratio enter model utility.
 UTILITY_SPLITS = ("retain", "world_facts")
-#: Splits whose "probability" is normalised over the true and perturbed options (TOFU's world facts).
+#: Embedded world: splits whose "probability" is normalised over the true and perturbed options.
 OPTION_PROBABILITY_SPLITS = ("world_facts",)
 METRIC_NAMES = ("refusal_rate", "answer_accuracy", "rouge_l_recall", "rouge_l_f1", "fluency", "probability",
                 "truth_ratio", "extraction_strength", "min_k")
@@ -144,73 +144,57 @@ def _accepts_logits_to_keep(model: Any) -> bool:
         return False
 
 
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    return x
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON (non-finite floats as ``null``) via a temporary file and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(_nan_to_none(obj), f, indent=2, allow_nan=False, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 class UnlearningEvaluator(torch.nn.Module):
-    """Per-split unlearning metrics, cross-split metrics and per-item records.
+    """Per-split unlearning metrics, cross-split metrics and per-item records, as an :class:`EvalSuite` says.
 
     Args:
-        splits: Evaluated splits (``forget``, ``boundary_hard``, ``boundary_easy``, ``retain``,
-            ``world_facts``, ``holdout``, ...), in dataloader order.
+        splits: The suite (:class:`rerule_lightning.eval_suite.EvalSuite`), or split names of the embedded
+            world (``forget``, ``boundary_hard``, ``boundary_easy``, ``retain``, ``world_facts``, ``holdout``),
+            read as :func:`rerule_lightning.eval_suite.embedded_suite`; in dataloader order.
         retain_reference: The retain model's statistics (:func:`rerule_lightning.eval_report.compute_reference`):
-            ``forget_truth_ratios`` (per forget item) and ``mia_auc`` (its forget-vs-holdout Min-K% AUC).
+            ``forget_truth_ratios`` (per item of the forget-quality split) and ``mia_auc`` (its Min-K% AUC).
             Without it there is no forget quality and no privleak; see :meth:`set_reference`.
-        max_new_tokens: Greedy tokens per answer; 0 skips generation (teacher-forced metrics only).
+        max_new_tokens: Greedy tokens per answer (a split's ``max_new_tokens`` overrides it); 0 skips generation.
         refusal_fn: Refusal detector; defaults to :func:`rerule_lightning.rewards.is_refusal`.
         k: Min-K% fraction.
         batch_size: Sequences per generation / forward pass.
         include_eos: Count the eos token as an answer token in teacher-forced passes.
-        use_chat_template: Re-render prompts from ``question`` with the tokenizer's chat template.
+        use_chat_template: Completions are formatted for a chat template (no leading space).
+        render_prompts: Re-render prompts from ``question`` with the chat template (the embedded datamodule
+            serves raw prompts); ``None`` means ``use_chat_template``. Benchmark datamodules render prompts
+            themselves, so their evaluators pass ``False`` and use ``batch["prompt"]``.
     """
 
-    def __init__(self, splits: Sequence[str], retain_reference: Mapping[str, Any] | None = None,
+    def __init__(self, splits: Sequence[str] | EvalSuite, retain_reference: Mapping[str, Any] | None = None,
                  max_new_tokens: int = 32, refusal_fn: Callable[[str], bool] | None = None, k: float = 0.4,
-                 batch_size: int = 64, include_eos: bool = False, use_chat_template: bool = False) -> None:
+                 batch_size: int = 64, include_eos: bool = False, use_chat_template: bool = False,
+                 render_prompts: bool | None = None) -> None:
         super().__init__()
-        splits = list(splits)
-        if not splits or len(set(splits)) != len(splits):
-            raise ValueError(f"splits must be non-empty and distinct, got {splits}")
+        if not isinstance(splits, EvalSuite):
+            names = list(splits)
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"splits must be non-empty and distinct, got {names}")
+            splits = embedded_suite(names)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-        self.splits = splits
+        self.suite = splits
+        self.splits = splits.split_names
         self.max_new_tokens, self.k, self.batch_size = max_new_tokens, k, batch_size
         self.include_eos, self.use_chat_template = include_eos, use_chat_template
-        self.metrics = torch.nn.ModuleDict({s: self._split_metrics(s, refusal_fn) for s in splits})
+        self.render_prompts = use_chat_template if render_prompts is None else render_prompts
+        self.metrics = torch.nn.ModuleDict({s.name: self._split_metrics(s, refusal_fn) for s in splits.splits})
         self.retain_reference: dict[str, Any] | None = None
         self.set_reference(retain_reference)
         self._records: list[dict[str, Any]] = []
         self._last: dict[str, float] | None = None
 
-    def _split_metrics(self, split: str, refusal_fn: Callable[[str], bool] | None) -> torch.nn.ModuleDict:
-        return torch.nn.ModuleDict({
-            "refusal_rate": RefusalRate(refusal_fn), "answer_accuracy": AnswerAccuracy(refusal_fn),
-            "rouge_l_recall": RougeLRecall(), "rouge_l_f1": RougeLF1(), "fluency": Fluency(),
-            "probability": AnswerProbability(),
-            "truth_ratio": TruthRatio("forget" if split == FORGET else "retain"),
-            "extraction_strength": ExtractionStrength(), "min_k": MinKPercent(self.k),
-        })
+    def _split_metrics(self, spec: SplitSpec, refusal_fn: Callable[[str], bool] | None) -> torch.nn.ModuleDict:
+        forget_agg = spec.name in (FORGET, self.suite.forget_quality_split)
+        make = {"refusal_rate": lambda: RefusalRate(refusal_fn), "answer_accuracy": lambda: AnswerAccuracy(refusal_fn),
+                "rouge_l_recall": RougeLRecall, "rouge_l_f1": RougeLF1, "fluency": Fluency,
+                "probability": AnswerProbability, "truth_ratio": lambda: TruthRatio("forget" if forget_agg else "retain"),
+                "extraction_strength": ExtractionStrength, "min_k": lambda: MinKPercent(self.k)}
+        return torch.nn.ModuleDict({name: make[name]() for name in spec.metric_names()})
 
     def set_reference(self, reference: Mapping[str, Any] | None) -> None:
         """Set (or clear) the retain model's statistics used by forget quality and privleak."""
@@ -220,79 +204,96 @@ class UnlearningEvaluator(torch.nn.Module):
 
     # ------------------------------------------------------------------------------------------- update
     def _prompts(self, batch: Mapping[str, list[Any]], tokenizer: Any) -> list[str]:
-        if self.use_chat_template:
+        if self.render_prompts:
             return [format_prompt(q, tokenizer, use_chat_template=True) for q in batch["question"]]
         return list(batch["prompt"])
 
-    def _teacher_forced(self, model: Any, tokenizer: Any, prompts: list[str],
-                        batch: Mapping[str, list[Any]]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """Answer stats, paraphrased-answer NLL ``[N]`` and perturbed-answer NLLs ``[N, P]`` (nan-padded)."""
+    def _teacher_forced(self, model: Any, tokenizer: Any, prompts: list[str], batch: Mapping[str, list[Any]],
+                        truth_ratio: bool) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Answer stats, paraphrased-answer NLL ``[N]`` and perturbed-answer NLLs ``[N, P]`` (nan where an
+        item has no paraphrased answer / fewer perturbed answers, or all nan without ``truth_ratio``)."""
         n = len(prompts)
-        perturbed = [list(p) for p in batch["perturbed_answer"]]
+        perturbed = [list(p or []) for p in batch["perturbed_answer"]] if truth_ratio else [[] for _ in prompts]
+        para_rows = [i for i in range(n) if truth_ratio and batch["paraphrased_answer"][i] is not None]
         p_max = max([len(p) for p in perturbed] + [1])
         flat = [(i, j) for i in range(n) for j in range(len(perturbed[i]))]
-        all_prompts = prompts + prompts + [prompts[i] for i, _ in flat]
-        all_answers = list(batch["answer"]) + list(batch["paraphrased_answer"]) + [perturbed[i][j] for i, j in flat]
+        all_prompts = prompts + [prompts[i] for i in para_rows] + [prompts[i] for i, _ in flat]
+        all_answers = (list(batch["answer"]) + [batch["paraphrased_answer"][i] for i in para_rows]
+                       + [perturbed[i][j] for i, j in flat])
         st = teacher_forced_stats(model, tokenizer, all_prompts, all_answers, self.batch_size,
                                   self.include_eos, self.use_chat_template)
         answer = {k: v[:n] for k, v in st.items()}
-        para = st["nll_mean"][n:2 * n]  # [N]
+        para = torch.full((n,), math.nan, dtype=torch.float64)  # [N]
+        para[para_rows] = st["nll_mean"][n:n + len(para_rows)].to(torch.float64)
         pert = torch.full((n, p_max), math.nan, dtype=torch.float64)  # [N, P]
-        for (i, j), v in zip(flat, st["nll_mean"][2 * n:].tolist()):
+        for (i, j), v in zip(flat, st["nll_mean"][n + len(para_rows):].tolist()):
             pert[i, j] = v
         return answer, para, pert
 
     def update(self, split: str, batch: Mapping[str, list[Any]], model: Any, tokenizer: Any) -> None:
-        """Evaluate one batch of ``split`` items (dict of lists, as ``ForgetRetainDataModule`` serves them).
+        """Evaluate one batch of ``split`` items (dict of lists, as the eval dataloaders serve them).
 
-        Greedy completions feed the text metrics; teacher-forced passes over the answer, the paraphrased
-        answer and every perturbed answer feed probability, truth ratio, extraction strength and Min-K%.
+        Greedy completions (cut at the split's stop strings) feed the text metrics; teacher-forced passes
+        over the answer, the paraphrased answer and every perturbed answer feed probability, truth ratio,
+        extraction strength and Min-K%, as the split's :class:`SplitSpec` enables them.
         """
         if split not in self.metrics:
             raise KeyError(f"split {split!r} is not evaluated (splits: {self.splits})")
-        m = self.metrics[split]
+        m, spec = self.metrics[split], self.suite.spec(split)
         n = len(batch["id"])
         if n == 0:
             return
         prompts = self._prompts(batch, tokenizer)
         answers, values = list(batch["answer"]), list(batch["value"])
         preds: list[str] | None = None
-        text: dict[str, list[Any]] = {}
-        if self.max_new_tokens > 0:
-            preds = greedy_generate(model, tokenizer, prompts, self.max_new_tokens, self.batch_size)
+        rec_cols: dict[str, list[Any]] = {}
+        new_tokens = self.max_new_tokens if spec.max_new_tokens is None else spec.max_new_tokens
+        if spec.generate and new_tokens > 0:
+            preds = greedy_generate(model, tokenizer, prompts, new_tokens, self.batch_size)
+            preds = [cut_at_stop(p, spec.stop) for p in preds]
             fn = m["refusal_rate"].refusal_fn
-            text = {"refusal": MF.refusal_flags(preds, fn), "correct": MF.answer_correct_flags(preds, values, fn),
-                    "rouge_l_recall": MF.rouge_l_recall_scores(preds, answers),
-                    "rouge_l_f1": MF.rouge_l_f1_scores(preds, answers),
-                    "fluency": [MF.ngram_entropy(p) for p in preds]}
+            rec_cols = {"refusal": MF.refusal_flags(preds, fn), "correct": MF.answer_correct_flags(preds, values, fn),
+                        "rouge_l_recall": MF.rouge_l_recall_scores(preds, answers),
+                        "rouge_l_f1": MF.rouge_l_f1_scores(preds, answers),
+                        "fluency": [MF.ngram_entropy(p) for p in preds]}
             m["refusal_rate"].update(preds)
             m["answer_accuracy"].update(preds, values)
             m["rouge_l_recall"].update(preds, answers)
             m["rouge_l_f1"].update(preds, answers)
             m["fluency"].update(preds)
-        ans, para, pert = self._teacher_forced(model, tokenizer, prompts, batch)
-        pert_mean = pert.nanmean(dim=1)  # [N] (ragged perturbed lists allowed)
-        if split in OPTION_PROBABILITY_SPLITS:
+        if spec.teacher_forced:
+            rec_cols.update(self._update_teacher_forced(m, spec, model, tokenizer, prompts, batch))
+        for i in range(n):
+            rec: dict[str, Any] = {"split": split, "id": batch["id"][i], "prompt": prompts[i],
+                                   "answer": answers[i], "value": values[i],
+                                   "prediction": preds[i] if preds is not None else None}
+            rec.update({key: vals[i] for key, vals in rec_cols.items()})
+            self._records.append(rec)
+
+    def _update_teacher_forced(self, m: torch.nn.ModuleDict, spec: SplitSpec, model: Any, tokenizer: Any,
+                               prompts: list[str], batch: Mapping[str, list[Any]]) -> dict[str, list[float]]:
+        """Update the teacher-forced metrics of one batch; returns their per-item record columns."""
+        ans, para, pert = self._teacher_forced(model, tokenizer, prompts, batch, spec.truth_ratio)
+        pert_mean = pert.nanmean(dim=1)  # [N] (ragged perturbed lists allowed; nan without any)
+        if spec.option_probability:
             pert_inf = pert.nan_to_num(nan=math.inf)  # [N, P]: a missing option has probability 0
             m["probability"].update(ans["nll_mean"], pert_inf)
             prob = MF.normalized_option_probability(ans["nll_mean"], pert_inf)  # [N]
         else:
             m["probability"].update(ans["nll_mean"])
             prob = MF.answer_probability(ans["nll_mean"])  # [N]
-        m["truth_ratio"].update(pert_mean.unsqueeze(-1), para)
+        tr = MF.truth_ratio(pert_mean.unsqueeze(-1), para)  # [N] (nan for items without options)
+        if spec.truth_ratio:
+            ok = ~torch.isnan(tr)  # [N]
+            if bool(ok.any()):
+                m["truth_ratio"].update(pert_mean[ok].unsqueeze(-1), para[ok])
         m["extraction_strength"].update(ans["pred_ids"], ans["target_ids"], ans["mask"])
         m["min_k"].update(ans["token_logprobs"], ans["mask"])
-        tr = MF.truth_ratio(pert_mean.unsqueeze(-1), para)  # [N]
         es = MF.extraction_strength(ans["pred_ids"], ans["target_ids"], ans["mask"])  # [N]
         mk = MF.min_k_percent(ans["token_logprobs"], ans["mask"], self.k)  # [N]
-        for i in range(n):
-            rec: dict[str, Any] = {"split": split, "id": batch["id"][i], "prompt": prompts[i],
-                                   "answer": answers[i], "value": values[i],
-                                   "prediction": preds[i] if preds is not None else None}
-            rec.update({key: vals[i] for key, vals in text.items()})
-            rec.update({"nll": float(ans["nll_mean"][i]), "probability": float(prob[i]),
-                        "truth_ratio": float(tr[i]), "extraction_strength": float(es[i]), "min_k": float(mk[i])})
-            self._records.append(rec)
+        return {"nll": [float(v) for v in ans["nll_mean"]], "probability": [float(v) for v in prob],
+                "truth_ratio": [float(v) for v in tr], "extraction_strength": [float(v) for v in es],
+                "min_k": [float(v) for v in mk]}
 
     # ------------------------------------------------------------------------------------------ compute
     def _per_item(self, split: str, name: str) -> Tensor:
@@ -302,33 +303,39 @@ class UnlearningEvaluator(torch.nn.Module):
     def compute(self) -> dict[str, float]:
         """Every aggregate as a flat ``{"split/metric": float}`` dict, plus the cross-split metrics.
 
-        Cross-split keys: ``forget/forget_quality`` (with a reference), ``forget/mia_auc`` (forget and
-        holdout evaluated), ``forget/privleak`` (also needs the reference AUC) and ``utility/model_utility``
-        (retain and/or world facts evaluated). Under DDP call it on every rank (the metrics sync).
+        Cross-split keys (see :mod:`rerule_lightning.eval_suite`): ``<fq split>/forget_quality`` (with a
+        reference), ``<member>/mia_auc`` (both MIA splits evaluated), ``<member>/privleak`` (also needs the
+        reference AUC), ``utility/model_utility`` and the headline aliases ``<suite>/<name>`` of keys present.
+        Under DDP call it on every rank (the metrics sync).
         """
         out: dict[str, float] = {}
+        suite, ref = self.suite, self.retain_reference
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*compute.*before.*update.*")
             for s in self.splits:
                 for name, metric in self.metrics[s].items():
                     out[f"{s}/{name}"] = float(metric.compute())
-        ref = self.retain_reference
-        if FORGET in self.metrics and ref is not None and ref.get("forget_truth_ratios"):
-            tr = self._per_item(FORGET, "truth_ratio")
+        fq = suite.forget_quality_split
+        if fq and ref is not None and ref.get("forget_truth_ratios"):
+            tr = self._per_item(fq, "truth_ratio")
             ref_tr = [v for v in ref["forget_truth_ratios"] if v is not None and math.isfinite(v)]
-            out["forget/forget_quality"] = MF.forget_quality(tr, ref_tr) if tr.numel() and ref_tr else math.nan
-        if FORGET in self.metrics and HOLDOUT in self.metrics:
-            fs, hs = self._per_item(FORGET, "min_k"), self._per_item(HOLDOUT, "min_k")
+            out[f"{fq}/forget_quality"] = MF.forget_quality(tr, ref_tr) if tr.numel() and ref_tr else math.nan
+        if suite.mia is not None:
+            member, non_member = suite.mia
+            fs, hs = self._per_item(member, "min_k"), self._per_item(non_member, "min_k")
             auc = MF.auc_score(fs, hs) if fs.numel() and hs.numel() else math.nan
-            out["forget/mia_auc"] = auc
+            out[f"{member}/mia_auc"] = auc
             ref_auc = ref.get("mia_auc") if ref is not None else None
             if ref_auc is not None and math.isfinite(ref_auc) and ref_auc < 1.0:
-                out["forget/privleak"] = MF.privleak(auc, ref_auc) if math.isfinite(auc) else math.nan
-        comps = {f"{s}_{name}": out[f"{s}/{name}"] for s in UTILITY_SPLITS if s in self.metrics
+                out[f"{member}/privleak"] = MF.privleak(auc, ref_auc) if math.isfinite(auc) else math.nan
+        comps = {f"{s}_{name}": out.get(f"{s}/{name}", math.nan) for s in suite.utility_splits
                  for name in ("probability", "rouge_l_recall", "truth_ratio")}
         if comps:
             finite = all(math.isfinite(v) for v in comps.values())
             out["utility/model_utility"] = MF.model_utility(comps) if finite else math.nan
+        for alias, key in suite.headline.items():
+            if key in out:
+                out[f"{suite.name}/{alias}"] = out[key]
         self._last = dict(out)
         return out
 
@@ -369,6 +376,7 @@ class UnlearningEvaluator(torch.nn.Module):
         ref = self.retain_reference
         report = {
             **dict(extra or {}),
+            "suite": self.suite.name,
             "splits": self.splits,
             "num_items": {s: sum(r["split"] == s for r in rows) for s in self.splits},
             "settings": {"max_new_tokens": self.max_new_tokens, "min_k": self.k, "include_eos": self.include_eos,

@@ -35,3 +35,12 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     if was_training:
         model.train()
     return out
+
+
+def cut_at_stop(text: str, stop: list[str] | tuple[str, ...] = ()) -> str:
+    """``text`` up to the first occurrence of any stop string, stripped (unchanged without stops).
+
+    Greedy decoding is deterministic, so cutting the finished completion equals stopping generation there.
+    """
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut] if cut >= 0 else text).strip()

@@ -165,12 +165,37 @@ def reference_context(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def save_policy(model: torch.nn.Module, tokenizer: Any, path: str) -> None:
+def save_policy(model: torch.nn.Module, tokenizer: Any, path: str, merge: bool = False,
+                dtype: str = "float32", trust_remote_code: bool = False) -> None:
     """Save an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Under (Q)LoRA only the adapters are written, with ``adapter_config.json`` naming the base model;
-    transformers loads such a directory (base + adapters) when peft is installed.
+    transformers loads such a directory (base + adapters) when peft is installed. With ``merge`` the adapters
+    go to ``path/adapter`` and ``path`` holds plain weights (:func:`merge_adapters`), so a later stage that
+    starts from ``path`` under (Q)LoRA has this model, not the original base, as its adapter-free reference.
     """
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
+    if merge and is_peft(model):
+        adapter_dir = os.path.join(path, "adapter")
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        merged = merge_adapters(adapter_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        merged.save_pretrained(path)
+        del merged
+    else:
+        model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def merge_adapters(adapter_dir: str, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
+    """The base model named in ``adapter_dir/adapter_config.json``, loaded unquantised in ``dtype``, with the
+    LoRA adapters of ``adapter_dir`` merged into its weights (the usual way to export a QLoRA fit)."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        base_path = json.load(f)["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -111,11 +111,16 @@ class SFTModule(L.LightningModule):
         scheduler: ``cosine`` decay to zero over the fit, or ``constant`` after warm-up.
         export_dir: If set, the fitted model and tokenizer are saved there (``save_pretrained``) at the
             end of fit: the RL stage starts from, and uses as KL reference, this directory.
+        export_merged: Under (Q)LoRA, export plain weights (the unquantised base with the adapters merged;
+            adapters kept in ``export_dir/adapter``) so the RL stage's adapter-free KL reference is this
+            rejection-steered model. ``False`` exports the adapters only (then the RL stage's reference under
+            (Q)LoRA would be the original base).
     """
 
     def __init__(self, policy: PolicyConfig | None = None, init: TinyLlamaConfig | None = None,
                  learning_rate: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 scheduler: Literal["cosine", "constant"] = "cosine", export_dir: str | None = None) -> None:
+                 scheduler: Literal["cosine", "constant"] = "cosine", export_dir: str | None = None,
+                 export_merged: bool = True) -> None:
         super().__init__()
         if scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler={scheduler!r}: choose 'cosine' or 'constant'")
@@ -166,4 +171,6 @@ class SFTModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            save_policy(self.model, self.tokenizer, self.hparams.export_dir)
+            cfg = self.policy_cfg
+            save_policy(self.model, self.tokenizer, self.hparams.export_dir, merge=self.hparams.export_merged,
+                        dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)

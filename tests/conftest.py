@@ -46,3 +46,30 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                                                  "test-fixture")
     return prepare(WorldConfig(**TINY_WORLD), TinyLlamaConfig(**TINY_MODEL), SFTTrainConfig(**TINY_TRAIN),
                    vocab_size=512, cache_dir=str(cache), report=True, progress=False)
+
+
+#: Chat template of the tiny chat model: one line per message, then the assistant's turn on a new line.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}Assistant:\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_prepared: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny target model copied to a temporary directory, its tokenizer given :data:`TINY_CHAT_TEMPLATE`
+    and its ``max_position_embeddings`` raised to 512 (RoPE: no new weights), for real-benchmark tests with
+    ``prompt_format: chat`` / ``policy.use_chat_template: true``. Returns the directory."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat_model") / "model"
+    shutil.copytree(os.path.realpath(tiny_prepared["links"]["target"]), out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["max_position_embeddings"] = 512
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+    return str(out)

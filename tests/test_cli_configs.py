@@ -38,7 +38,7 @@ def _is_eval_only(path: Path, cfg: dict[str, Any]) -> bool:
 def _lightning_args(path: Path) -> tuple[list[str], dict[str, Any]]:
     """Subcommand and ``--config`` arguments for one config; an overlay (no ``model``) goes on rule.yaml."""
     cfg = _load(path)
-    configs = [path] if "model" in cfg else [RULE, path]
+    configs = [path] if "class_path" in (cfg.get("model") or {}) else [RULE, path]  # overlays go on rule.yaml
     sub = "test" if _is_eval_only(path, cfg) else "fit"
     args = [sub]
     for c in configs:
@@ -75,7 +75,7 @@ def test_every_config_instantiates_without_loading_weights(path: Path, no_weight
     assert isinstance(cli.model, L.LightningModule)
     assert isinstance(cli.datamodule, L.LightningDataModule)
     assert isinstance(cli.trainer, L.Trainer)
-    if "model" in cfg:
+    if "class_path" in (cfg.get("model") or {}):
         cls = type(cli.model)
         assert f"{cls.__module__}.{cls.__qualname__}" == cfg["model"]["class_path"]
     assert getattr(cli.model, "model", None) is None, "configure_model ran at instantiation"
