@@ -27,14 +27,28 @@ def save_world(cfg: WorldConfig, path: str) -> None:
 
 
 def load_world(path: str) -> Any:
-    """Load a saved world (``DatasetDict``), failing with a clear message when it is missing."""
+    """Load a saved world (``DatasetDict``) and check its files and schema.
+
+    Raises:
+        FileNotFoundError: The directory is missing.
+        ValueError: A file is not UTF-8 / JSON, cannot be read, or a split has a missing / mistyped /
+            empty field or a duplicate id (the message names the file, split, row and field).
+    """
     from datasets import load_from_disk
+
+    from rerule_lightning.validation import check_json_files, validate_world
 
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"world directory {path!r} not found: run `rerule prepare --config configs/embedded/prepare.yaml`"
         )
-    return load_from_disk(path)
+    check_json_files(path)
+    try:
+        world = load_from_disk(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"world directory {path!r} could not be read ({type(e).__name__}: {e})") from None
+    validate_world(world, path)
+    return world
 
 
 def world_texts(splits: dict[str, list[dict]]) -> list[str]:

@@ -13,13 +13,14 @@ import os
 import sys
 from typing import Any
 
-USAGE = """usage: rerule {prepare,fit,validate,test,demo} [options]
+USAGE = """usage: rerule {prepare,fit,validate,test,demo,report} [options]
 
   prepare   build the embedded world, tokenizer, target and retain models (cached by config hash)
   fit       train a model from a LightningCLI config (rejection steering, RULE, ReRULE)
   validate  run validation of a model and data config
   test      evaluate a model on every evaluation split (writes eval.json)
   demo      the main job on the embedded default: prepare -> rejection steering -> RULE -> evaluation
+  report    compare MLflow runs: table (Markdown, CSV) and plots, logged to a report run
 
 Run `rerule COMMAND --help` for the options of one command."""
 
@@ -55,7 +56,9 @@ def prepare_main(argv: list[str]) -> Any:
     from jsonargparse import CLI
 
     from rerule_lightning.prepare import prepare
+    from rerule_lightning.validation import check_config_files
 
+    check_config_files(argv)
     CLI(prepare, args=argv, as_positional=False)
     return 0
 
@@ -71,18 +74,38 @@ def lightning_main(argv: list[str], run: bool = True) -> Any:
     from lightning.pytorch.cli import LightningCLI
 
     from rerule_lightning.tracking import MLflowSaveConfigCallback
+    from rerule_lightning.validation import check_config_files, preflight, preflight_checkpoint
 
-    cli_class = LightningCLI
+    check_config_files(argv)
+
+    class ReruleCLI(LightningCLI):
+        """Runs :func:`rerule_lightning.validation.preflight` (tracking server, checkpoint, inputs) first."""
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning would torch.load the file raw and merge its hyper-parameters into the config; we check
+            # it (weights_only=True, errors naming the file) and keep the given config as the source of truth.
+            preflight_checkpoint(self.config)
+
+        def before_fit(self) -> None:
+            preflight(self, "fit")
+
+        def before_validate(self) -> None:
+            preflight(self, "validate")
+
+        def before_test(self) -> None:
+            preflight(self, "test")
+
+    cli_class = ReruleCLI
     if not run and argv and argv[0] in ("fit", "validate", "test", "predict"):
         # LightningCLI(run=False) accepts no subcommand; parse it as run=True would, but skip running it.
-        class InstantiateOnlyCLI(LightningCLI):
+        class InstantiateOnlyCLI(ReruleCLI):
             def _run_subcommand(self, subcommand: str) -> None:
                 return None
 
         cli_class, run = InstantiateOnlyCLI, True
     trainer_defaults = {
         "logger": {
-            "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+            "class_path": "rerule_lightning.tracking.ResilientMLFlowLogger",
             "init_args": {"experiment_name": "rerule", "tracking_uri": DEFAULT_TRACKING_URI},
         },
     }
@@ -98,7 +121,9 @@ def main(argv: list[str] | None = None) -> Any:
 
     ``ValueError`` and ``FileNotFoundError`` (what our config, path and input checks raise, before training)
     are reported as one ``rerule: error: ...`` line with exit status 2 instead of a traceback; set
-    ``RERULE_DEBUG=1`` to see the traceback (also for such an error raised later, during training).
+    ``RERULE_DEBUG=1`` to see the traceback (also for such an error raised later, during training). A fit
+    stopped by the non-finite guard (:class:`rerule_lightning.guards.NonFiniteError`, after training started
+    and its last good state was checkpointed) is reported the same way with exit status 1.
     """
     try:
         return _dispatch(argv)
@@ -107,6 +132,13 @@ def main(argv: list[str] | None = None) -> Any:
             raise
         print(f"rerule: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from rerule_lightning.guards import NonFiniteError
+
+        if not isinstance(err, NonFiniteError) or os.environ.get("RERULE_DEBUG"):
+            raise
+        print(f"rerule: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(argv: list[str] | None) -> Any:
@@ -125,6 +157,10 @@ def _dispatch(argv: list[str] | None) -> Any:
         from rerule_lightning.pipeline import demo_main
 
         return demo_main(rest)
+    if cmd == "report":
+        from rerule_lightning.report import report_main
+
+        return report_main(rest)
     print(f"rerule: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
