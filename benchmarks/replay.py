@@ -5,14 +5,17 @@ on the same prompt stream, and is evaluated on every split with every paraphrase
 
     python benchmarks/replay.py --seeds 0 1 2 --presets hard easy --steps 60 --output_dir runs/replay_bench
 
-Writes ``<output_dir>/replay_table.md``, ``replay_table.csv``, ``replay_results.json`` and
-``boundary_accuracy_vs_step.png`` (same-family boundary accuracy from the validation runs during fit).
+Writes ``<output_dir>/replay_results.json`` and, through ``rerule report`` (grouped by the runs' tags
+``rerule.preset`` and ``rerule.variant``, mean ± sample std over seeds), ``<output_dir>/report/``:
+``report.md``, ``report.csv`` and the plots (reward, forget refusal, boundary accuracy, replay buffer and IS
+weights against step; forget-vs-retain Pareto scatter), also logged to a run in ``<experiment>-report``.
+``--report_only`` rebuilds the report from existing ``replay_results*.json`` files without training.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import glob
 import json
 import os
 import sys
@@ -20,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rerule_lightning.pipeline import COLUMNS, StageResult, run_seed, summarise  # noqa: E402
+from rerule_lightning.pipeline import StageResult, run_seed, summarise  # noqa: E402
 
 VARIANTS = {
     "ReRULE (hard-case)": ["--config", "configs/replay/hard_case.yaml"],
@@ -29,6 +32,11 @@ VARIANTS = {
     "ReRULE (boundary groups)": ["--config", "configs/replay/hard_case_boundary.yaml"],
 }
 DEFAULT_VARIANTS = ["ReRULE (hard-case)", "random replay", "ReRULE without IS"]
+
+
+REPORT_METRICS = ["forget/refusal_rate", "boundary_hard/answer_accuracy", "boundary_easy/answer_accuracy",
+                  "retain/answer_accuracy", "boundary_hard/refusal_rate", "forget/answer_accuracy",
+                  "forget/forget_quality", "utility/model_utility"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val_every", type=int, default=20, help="validation interval (steps) for the curves")
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--no_baseline", action="store_true", help="skip the plain RULE run (already in another table)")
+    ap.add_argument("--report_only", nargs="*", metavar="RESULTS_JSON", default=None,
+                    help="train nothing: tag the runs listed in these replay_results*.json files (default: "
+                         "<output_dir>/replay_results*.json) and write the report of all of them")
+    ap.add_argument("--report_dir", default=None, help="where the report goes (default <output_dir>/report)")
     args = ap.parse_args(argv)
+    report_dir = args.report_dir or os.path.join(args.output_dir, "report")
+    if args.report_only is not None:
+        files = args.report_only or sorted(glob.glob(os.path.join(args.output_dir, "replay_results*.json")))
+        results = [r for path in files for r in json.load(open(path))["results"]]
+        write_report(results, args.tracking_uri, args.experiment, report_dir)
+        return 0
 
     from rerule_lightning.cli import main as cli_main
 
@@ -65,60 +83,31 @@ def main(argv: list[str] | None = None) -> int:
             all_rows.append({"preset": preset, **row})
         all_results += [{"preset": preset, **r.__dict__} for r in results]
     os.makedirs(args.output_dir, exist_ok=True)
-    write_tables(all_rows, args.output_dir)
     with open(os.path.join(args.output_dir, "replay_results.json"), "w") as f:
         json.dump({"rows": all_rows, "results": all_results, "seconds": time.perf_counter() - t0,
                    "argv": sys.argv[1:] if argv is None else argv}, f, indent=2)
-    plot_curves(all_results, args.tracking_uri, os.path.join(args.output_dir, "boundary_accuracy_vs_step.png"))
-    print(open(os.path.join(args.output_dir, "replay_table.md")).read())
+    write_report(all_results, args.tracking_uri, args.experiment, report_dir)
     return 0
 
 
-def write_tables(rows: list[dict], out_dir: str) -> None:
-    """Markdown and CSV tables: one row per (preset, variant), mean ± std over seeds."""
-    head = ["preset", "variant", "seeds", *COLUMNS.values(), "fit wall-clock (s)"]
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    with open(os.path.join(out_dir, "replay_table.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["preset", "variant", "seeds", *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")],
-                    "fit_seconds_mean", "fit_seconds_std"])
-        for r in rows:
-            cells = [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" for k in COLUMNS]
-            md.append("| " + " | ".join([r["preset"], r["stage"], str(r["seeds"]), *cells,
-                                         f"{r['fit_seconds'][0]:.1f} ± {r['fit_seconds'][1]:.1f}"]) + " |")
-            w.writerow([r["preset"], r["stage"], r["seeds"], *[x for k in COLUMNS for x in r[k]], *r["fit_seconds"]])
-    with open(os.path.join(out_dir, "replay_table.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+def write_report(results: list[dict], tracking_uri: str, experiment: str, report_dir: str) -> dict:
+    """``rerule report`` over the benchmark's runs, one row per (preset, variant), mean ± std over seeds.
 
+    Tags the runs first (idempotent; runs made before the pipeline tagged them get their tags here). The
+    rejection-steering model is shared by both presets, so it is one row with preset ``-``.
+    """
+    from rerule_lightning.report import report, tag_unit
 
-def plot_curves(results: list[dict], tracking_uri: str, path: str) -> None:
-    """Same-family boundary accuracy against step, mean over seeds, one line per (preset, variant)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    curves: dict[tuple[str, str], dict[int, list[float]]] = {}
+    ids = []
     for r in results:
-        if r["stage"] == "rejection steering" or r["run_ids"].get("fit", "-") == "-":
-            continue
-        hist = client.get_metric_history(r["run_ids"]["fit"], "boundary_hard/answer_accuracy")
-        for m in hist:
-            curves.setdefault((r["preset"], r["stage"]), {}).setdefault(m.step, []).append(m.value)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (preset, stage), pts in sorted(curves.items()):
-        steps = sorted(pts)
-        ax.plot(steps, [sum(pts[s]) / len(pts[s]) for s in steps], marker="o",
-                linestyle="-" if preset == "hard" else "--", label=f"{preset}: {stage}")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("same-family boundary accuracy")
-    ax.set_title("Replay benchmark (mean over seeds)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        preset = None if r["stage"] == "rejection steering" else r["preset"]
+        tag_unit(tracking_uri, r["run_ids"], r["stage"], r["seed"], preset)
+        ids += [v for v in r["run_ids"].values() if v and v != "-"]
+    out = report(tracking_uri=tracking_uri, experiment=experiment, run_ids=list(dict.fromkeys(ids)),
+                 group_by=["rerule.preset", "rerule.variant"], metrics=REPORT_METRICS, output_dir=report_dir,
+                 report_experiment=f"{experiment}-report")
+    print(open(os.path.join(report_dir, "report.md")).read())
+    return out
 
 
 if __name__ == "__main__":

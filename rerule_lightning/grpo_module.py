@@ -19,15 +19,25 @@ Deviations from RULE's released settings, all deliberate and configurable:
 * Log-probs are computed on ``logits / temperature``, i.e. under the distribution that was sampled.
 * Sampling is re-seeded from ``(seed, global_step, rank)`` every step, so an interrupted and resumed fit
   samples exactly the same completions as an uninterrupted one.
+
+Non-finite values: a NaN / Inf loss or gradient makes the optimizer step a no-op (gradients dropped, so
+parameters and AdamW state stay as they were; the step still counts towards ``max_steps``), is counted in
+``train/nonfinite_skipped`` and hands no groups to a replay callback. A NaN reward is treated as non-finite
+input, not repaired: it makes its group's advantages (or, with ``scale_rewards: batch``, every advantage)
+NaN, hence the loss, so the whole step is skipped. After ``max_consecutive_nonfinite`` such steps in a row
+the fit saves ``nonfinite_stop.ckpt`` and raises :class:`~rerule_lightning.guards.NonFiniteError`. The
+counters are in the checkpoint, so a resumed fit continues them exactly.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
+from rerule_lightning.checkpointing import check_state_dict_matches
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
 from rerule_lightning.grpo import (
@@ -38,6 +48,7 @@ from rerule_lightning.grpo import (
     off_policy_loss,
     token_logprobs,
 )
+from rerule_lightning.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
 from rerule_lightning.policy import (
     PolicyConfig,
     build_policy,
@@ -80,6 +91,10 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         eval_reference: Retain model directory for forget quality and privleak in validation / test (its
             statistics are computed once, lazily, and cached next to it).
         eval_report_path: Where ``test`` writes ``eval.json`` (rank zero); ``None`` writes nothing.
+        max_consecutive_nonfinite: Optimizer steps in a row with a NaN / Inf loss or gradient (each one
+            skipped, parameters and optimizer state untouched) after which the fit stops with
+            :class:`~rerule_lightning.guards.NonFiniteError`, having saved the last good state to
+            ``nonfinite_stop.ckpt`` (in the checkpoint directory, else ``trainer.default_root_dir``).
     """
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
@@ -91,9 +106,15 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                  scale_rewards: Literal["group", "batch", "none"] = "group", reward: str = "rule",
                  target_aware: bool = False, recall_threshold: float = 0.3, eval_max_new_tokens: int = 32,
                  seed: int = 0, export_dir: str | None = None, eval_reference: str | None = None,
-                 eval_report_path: str | None = None) -> None:
+                 eval_report_path: str | None = None, max_consecutive_nonfinite: int = 3) -> None:
         super().__init__()
         errors = []
+        if max_new_tokens < 1:
+            errors.append(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if learning_rate <= 0:
+            errors.append(f"learning_rate={learning_rate}: must be > 0")
+        if max_consecutive_nonfinite < 1:
+            errors.append(f"max_consecutive_nonfinite={max_consecutive_nonfinite}: must be >= 1")
         if num_generations < 2:
             errors.append(f"num_generations={num_generations}: GRPO needs at least 2 completions per prompt")
         if num_iterations < 1:
@@ -122,6 +143,7 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         self.ref_model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.evaluator: UnlearningEvaluator | None = None  # created in setup() from the datamodule's eval_splits
+        self.nonfinite = NonFiniteCounter(limit=max_consecutive_nonfinite)
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -166,20 +188,37 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                           completion_mask: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of completions (at the sampling temperature), trimmed to the longest one.
 
+        The LM head runs only on positions that predict completion tokens (``logits_to_keep``). A reference
+        pass without gradient encodes each distinct prompt once and shares its KV cache with the prompt's G
+        rows (:func:`rerule_lightning.logprobs.shared_prefix_logprobs`; equal to the full pass up to float
+        rounding).
+
         Returns:
             ``(logp [N, T'], mask [N, T'])``.
         """
-        input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, self.tokenizer.pad_token_id)
+        import contextlib
+        import inspect
+
+        from rerule_lightning.logprobs import prompt_runs, shared_prefix_logprobs, supports_prefix_cache
+
+        model = self.ref_model if reference and self.ref_model is not None else self.model
+        ctx = reference_context(model) if reference and self.ref_model is None else contextlib.nullcontext()
+        pad, temp = self.tokenizer.pad_token_id, self.hparams.temperature
+        if (reference and not torch.is_grad_enabled() and len(prompt_runs(prompt_ids)[0]) < len(prompt_ids)
+                and supports_prefix_cache(model)):
+            with ctx:
+                return shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad, temp)
+        input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, pad)
         t = input_ids.size(1) - p
-        if reference and self.ref_model is not None:
-            logits = self.ref_model(input_ids=input_ids, attention_mask=attn).logits
-        elif reference:
-            with reference_context(self.model):
-                logits = self.model(input_ids=input_ids, attention_mask=attn).logits
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attn).logits
-        logits = logits[:, p - 1: -1] / self.hparams.temperature  # [N, T', V]
-        return token_logprobs(logits, input_ids[:, p:]), completion_mask[:, :t]  # [N, T'], [N, T']
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the LM
+        if "logits_to_keep" in inspect.signature(base.forward).parameters:
+            kwargs["logits_to_keep"] = t + 1  # lm_head only on the positions that predict completion tokens
+        with ctx:
+            logits = model(**kwargs).logits  # [N, T'+1, V] (or [N, P+T', V] without logits_to_keep)
+        logits = logits[:, -(t + 1): -1]  # [N, T', V], a view: the temperature is applied per chunk below
+        logp = token_logprobs(logits, input_ids[:, p:], temperature=temp)  # [N, T']
+        return logp, completion_mask[:, :t]  # [N, T'], [N, T']
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -209,6 +248,7 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         replayed = self.replay_inputs(replay) if replay else None
         opt = self.optimizers()
         old_logp = None
+        skipped = False
         stats: dict[str, torch.Tensor] = {}
         active = mask.sum()
         if self.trainer.world_size > 1:
@@ -226,26 +266,60 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                 loss = loss + r_loss
                 stats.update(r_stats)
             opt.zero_grad()
-            self.manual_backward(loss)
-            if h.max_grad_norm > 0:
-                self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
-            opt.step()
+            self.manual_backward(loss)  # also with a non-finite loss: under DDP every rank must all-reduce
+            finite = all_finite([loss.detach()]) and grads_finite(self.model.parameters())
+            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+            self.nonfinite.update(finite)
+            if finite:
+                if h.max_grad_norm > 0:
+                    self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+            else:
+                self._stop_if_nonfinite_exhausted()
+                opt.zero_grad(set_to_none=True)  # no gradient: step() leaves parameters and AdamW state as they are
+            opt.step()  # counts the step either way, so the batch schedule and sampling seeds stay aligned
+            skipped = skipped or not finite
 
-        groups = self._groups(batch, prompt_ids, completion_ids, mask, old_logp, rewards, advantages, texts,
-                              step=sampled_at)
+        self.log("train/nonfinite_skipped", float(self.nonfinite.total), on_step=True, on_epoch=False, batch_size=b)
+        # nothing from a skipped step reaches a replay buffer (NaN behaviour log-probs / rewards)
+        groups = [] if skipped else self._groups(batch, prompt_ids, completion_ids, mask, old_logp, rewards,
+                                                 advantages, texts, step=sampled_at, ref_logp=ref_logp)
         self._log_step(loss, stats, rewards, mask, batch, b)
         return {"loss": loss.detach(), "groups": groups}
+
+    def _stop_if_nonfinite_exhausted(self) -> None:
+        """After ``max_consecutive_nonfinite`` skipped steps in a row: save the last good state and stop."""
+        if not self.nonfinite.exhausted:
+            return
+        cb = self.trainer.checkpoint_callback
+        directory = (cb.dirpath if cb is not None and cb.dirpath else None) or self.trainer.default_root_dir
+        path = os.path.join(directory, "nonfinite_stop.ckpt")
+        message = self.nonfinite.stop_message(path, self.global_step)
+        self.nonfinite.consecutive = 0  # saved so: a run resumed from it starts afresh
+        self.trainer.save_checkpoint(path)  # parameters are those of the last finite step
+        raise NonFiniteError(message)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is not None:  # refuse another model's checkpoint before load_state_dict trips on it
+            check_state_dict_matches(checkpoint.get("state_dict", {}), self.state_dict(),
+                                     getattr(self._trainer, "ckpt_path", None))
+        if "nonfinite" in checkpoint:
+            self.nonfinite.load_state_dict(checkpoint["nonfinite"])
 
     def replay_inputs(self, replay: list[RolloutGroup]) -> dict[str, Any]:
         """Everything the replayed loss needs that does not change across the μ iterations of a step.
 
-        Pads the stored groups to one length and, with β > 0, computes their reference log-probs once.
+        Pads the stored groups to one length. With β > 0 their reference log-probs are the ones stored at
+        sampling time (the reference is frozen), or computed once here for groups stored without them.
 
         Args:
             replay: Groups placed in ``batch["replay"]`` by a replay callback, ``advantages`` set.
         """
         dev = self.device
-        p_ids = [grp.prompt_ids.to(dev) for grp in replay for _ in range(grp.num_completions)]
+        prompts = [grp.prompt_ids.to(dev) for grp in replay]  # one transfer per group, shared by its G rows
+        p_ids = [x for x, grp in zip(prompts, replay) for _ in range(grp.num_completions)]
         t = max(grp.completion_ids.size(1) for grp in replay)
 
         def cat(name: str, fill: float) -> torch.Tensor:
@@ -260,7 +334,9 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             "advantages": torch.cat([grp.advantages for grp in replay]).to(dev).float(),  # [R*G]
             "ref_logprobs": None,
         }
-        if self.hparams.beta > 0:
+        if self.hparams.beta > 0 and all(grp.reference_logprobs is not None for grp in replay):
+            inputs["ref_logprobs"] = cat("reference_logprobs", 0.0)  # [R*G, T]: stored at sampling, no new pass
+        elif self.hparams.beta > 0:
             with torch.no_grad():
                 inputs["ref_logprobs"], _ = self.sequence_logprobs(
                     p_ids, inputs["completion_ids"], inputs["completion_mask"], reference=True)  # [R*G, T']
@@ -284,24 +360,26 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                                          level=opts.get("level", "token"), cap=opts.get("cap", 2.0),
                                          eps_low=h.epsilon_low, eps_high=h.epsilon_high)
         if inputs["ref_logprobs"] is not None:
-            per_tok = per_tok + h.beta * k3_kl(logp, inputs["ref_logprobs"])
+            per_tok = per_tok + h.beta * k3_kl(logp, inputs["ref_logprobs"][:, : logp.size(1)])  # [R*G, T']
         loss = aggregate_loss(per_tok, m, h.loss_type, max_completion_length=h.max_new_tokens,
                               num_active_tokens=float(m.sum()))
         return opts.get("weight", 1.0) * loss, {f"replay/{k}": v for k, v in stats.items()}
 
     def _groups(self, batch: dict[str, Any], prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
                 mask: torch.Tensor, logp: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
-                texts: list[str], step: int) -> list[RolloutGroup]:
+                texts: list[str], step: int, ref_logp: torch.Tensor | None = None) -> list[RolloutGroup]:
         g, t = self.hparams.num_generations, logp.size(1)
         ids = completion_ids[:, :t].detach().cpu()  # [B*G, T']
         msk = mask[:, :t].detach().cpu()  # [B*G, T']
-        lp = (logp * msk.to(logp.device)).detach().cpu()  # [B*G, T']
+        lp = (logp.detach() * mask[:, :t]).cpu()  # [B*G, T'] (masked on the device, one transfer)
+        ref = None if ref_logp is None else (ref_logp[:, :t] * mask[:, :t]).cpu()  # [B*G, T']
         return [RolloutGroup(
             prompt_id=batch["id"][i], label=batch["label"][i], kind=batch["kind"][i],
             prompt_ids=prompt_ids[i].detach().cpu(), completion_ids=ids[i * g:(i + 1) * g],
             completion_mask=msk[i * g:(i + 1) * g], behaviour_logprobs=lp[i * g:(i + 1) * g],
             rewards=rewards[i].detach().cpu(), step=step, completions=texts[i * g:(i + 1) * g],
             advantages=advantages[i].detach().cpu(),
+            reference_logprobs=None if ref is None else ref[i * g:(i + 1) * g],
         ) for i in range(len(prompt_ids))]
 
     def _log_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], rewards: torch.Tensor,

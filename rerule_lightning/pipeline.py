@@ -69,6 +69,8 @@ def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_
         rule_extra: Extra CLI arguments of the plain RULE run (the overlays carry their own).
         include_rule: Run the plain RULE baseline (off when another table already has it).
     """
+    from rerule_lightning.report import tag_unit
+
     links = os.path.join(cache_dir, "embedded")
     common = ["--trainer.logger.init_args.tracking_uri", tracking_uri,
               "--trainer.logger.init_args.experiment_name", experiment]
@@ -90,6 +92,7 @@ def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_
         metrics, eval_run = _evaluate(rs_dir, os.path.join(sdir, "rs_eval"), [*common, *data],
                                       os.path.join(links, "retain"))
         results.append(StageResult("rejection steering", seed, metrics, secs, {"fit": rs_run, "eval": eval_run}))
+        tag_unit(tracking_uri, results[-1].run_ids, "rejection steering", seed)  # for `rerule report`
         with open(rs_record, "w") as f:
             json.dump(results[-1].__dict__, f)
     pdir = os.path.join(sdir, preset)
@@ -107,6 +110,7 @@ def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_
         metrics, eval_run = _evaluate(out, os.path.join(pdir, f"{tag}_eval"), [*common, *data],
                                       os.path.join(links, "retain"))
         results.append(StageResult(name, seed, metrics, secs, {"fit": fit_run, "eval": eval_run}))
+        tag_unit(tracking_uri, results[-1].run_ids, name, seed, preset)
     return results
 
 

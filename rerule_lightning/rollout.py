@@ -39,6 +39,9 @@ class RolloutGroup:
         completions: The G decoded completions (for inspection; not used by the loss).
         advantages: ``[G]`` advantages; set for fresh groups at collection, and for replayed groups by
             the replay callback (stored or recomputed against a running baseline).
+        reference_logprobs: ``[G, T]`` log-probs of the sampled tokens under the frozen KL reference (at the
+            sampling temperature), 0.0 on padding; ``None`` when the run has no KL term. The reference never
+            changes, so a replayed group reuses them instead of another reference pass.
     """
 
     prompt_id: str
@@ -52,6 +55,7 @@ class RolloutGroup:
     step: int
     completions: list[str] = field(default_factory=list)
     advantages: torch.Tensor | None = None
+    reference_logprobs: torch.Tensor | None = None
 
     @property
     def num_completions(self) -> int:
@@ -103,12 +107,12 @@ def pack_sequences(prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
     completion_ids = completion_ids[:, :t_real]  # [N, T']
     completion_mask = completion_mask[:, :t_real]  # [N, T']
     p = max(int(x.numel()) for x in prompt_ids)
-    n = len(prompt_ids)
-    ids = torch.full((n, p), pad_id, dtype=torch.long)  # [N, P]
-    pmask = torch.zeros((n, p), dtype=torch.long)  # [N, P]
+    n, dev = len(prompt_ids), completion_ids.device
+    ids = torch.full((n, p), pad_id, dtype=torch.long, device=dev)  # [N, P]: built where the ids live
+    pmask = torch.zeros((n, p), dtype=torch.long, device=dev)  # [N, P]
     for i, x in enumerate(prompt_ids):
         ids[i, p - x.numel():] = x
         pmask[i, p - x.numel():] = 1
-    input_ids = torch.cat([ids.to(completion_ids.device), completion_ids], 1)  # [N, P+T']
-    attn = torch.cat([pmask.to(completion_ids.device), completion_mask.long()], 1)  # [N, P+T']
+    input_ids = torch.cat([ids, completion_ids], 1)  # [N, P+T']
+    attn = torch.cat([pmask, completion_mask.long()], 1)  # [N, P+T']
     return input_ids, attn, p

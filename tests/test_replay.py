@@ -187,3 +187,48 @@ def test_module_unchanged_without_callback(tiny_prepared):
     b = fit(tiny_prepared, [L.Callback()], max_steps=2)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.equal(x, y)
+
+
+def test_replayed_groups_reuse_their_stored_reference_logprobs(tiny_prepared, monkeypatch):
+    """Fresh groups carry the reference log-probs of their step; replaying them needs no new reference pass,
+    and the stored values equal a fresh reference pass over the same completions (the reference is frozen)."""
+    spy = Spy()
+    module = fit(tiny_prepared, [spy], max_steps=2)
+    groups = [g for step in spy.groups for g in step]
+    assert all(g.reference_logprobs is not None and g.reference_logprobs.shape == g.behaviour_logprobs.shape
+               for g in groups)
+    assert all(torch.equal(g.reference_logprobs * (1 - g.completion_mask), torch.zeros_like(g.reference_logprobs))
+               for g in groups)  # 0.0 on padding
+    calls = []
+    real = module.sequence_logprobs
+    monkeypatch.setattr(module, "sequence_logprobs", lambda *a, **k: calls.append(k) or real(*a, **k))
+    inputs = module.replay_inputs(groups[:3])
+    assert not any(k.get("reference") for k in calls), "replay ran a reference pass despite stored log-probs"
+    with torch.no_grad():
+        fresh, m = real(inputs["prompt_ids"], inputs["completion_ids"], inputs["completion_mask"], reference=True)
+    t = fresh.size(1)
+    torch.testing.assert_close(inputs["ref_logprobs"][:, :t] * m, fresh * m, atol=1e-5, rtol=1e-5)
+    # stored rows wider than every real completion: trimmed like the policy's log-probs (to the longest one)
+    import dataclasses
+
+    def cut(g: RolloutGroup, n: int) -> RolloutGroup:
+        keep = (torch.arange(g.completion_ids.size(1)) < n).float()  # [T]
+        return dataclasses.replace(g, completion_mask=g.completion_mask * keep,
+                                   behaviour_logprobs=g.behaviour_logprobs * keep,
+                                   reference_logprobs=g.reference_logprobs * keep,
+                                   advantages=torch.linspace(-1, 1, g.num_completions))
+
+    mixed = [cut(groups[3], 3), cut(groups[4], 5)]
+    stored = module.replay_inputs(mixed)
+    loss_stored, _ = module.replay_loss(stored, {})
+    recomputed = dict(stored, ref_logprobs=None)
+    with torch.no_grad():
+        recomputed["ref_logprobs"], _ = real(stored["prompt_ids"], stored["completion_ids"],
+                                             stored["completion_mask"], reference=True)
+    loss_fresh, _ = module.replay_loss(recomputed, {})
+    torch.testing.assert_close(loss_stored, loss_fresh, atol=1e-6, rtol=1e-5)
+    for g in groups[:3]:  # groups stored without them (an older buffer) still get a reference pass
+        g.reference_logprobs = None
+    calls.clear()
+    module.replay_inputs(groups[:3])
+    assert any(k.get("reference") for k in calls)
