@@ -130,3 +130,25 @@ def test_server_killed_mid_run_training_finishes_and_metrics_are_kept(
     history = client.get_metric_history(target, "train/loss")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
     assert client.get_run(target).info.status == "FINISHED"  # from run.json
+
+
+def test_trainer_built_by_the_cli_and_run_directly_keeps_its_csv_under_default_root_dir(
+        tiny_prepared: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lightning_main(run=False)` + `trainer.fit` (as benchmarks do) binds the logger too: nothing lands in cwd."""
+    from rerule_lightning.cli import lightning_main
+    from tests.test_cli_configs import RULE, _rule_overrides
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cli = lightning_main(["fit", "--config", str(RULE), *_rule_overrides(tiny_prepared, tmp_path),
+                          "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                          "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                          "--trainer.enable_progress_bar", "false", "--model.init_args.export_dir", "null"], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    logger = cli.trainer.logger
+    expected = tmp_path / "logs" / str(logger.experiment_id) / str(logger.run_id) / "metrics.csv"
+    assert Path(logger.csv_path) == expected and expected.is_file()
+    # only MLflow's own artifact root (a sqlite store's default is ./mlruns) may appear in the working directory
+    assert [p.name for p in cwd.iterdir()] in ([], ["mlruns"]), list(cwd.iterdir())
+    assert not list(cwd.glob(f"{logger.experiment_id}/**/metrics.csv"))
