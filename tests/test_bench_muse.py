@@ -319,3 +319,46 @@ def test_every_muse_config_instantiates_without_loading_weights(paths: list[Path
         assert "HardCaseReplayCallback" in {type(c).__name__ for c in cli.trainer.callbacks}
     if sub == "fit" and bench is cli.datamodule:
         assert cli.model.policy_cfg.peft == "qlora" and cli.model.hparams.target_aware is False
+
+
+def test_qlora_rejection_steering_then_rule_through_the_shipped_configs(tiny_chat_model: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       one_torch_thread: None) -> None:
+    """configs/muse_books/rs.yaml (QLoRA) exports merged weights; rule.yaml starts from them under QLoRA, so its
+    adapter-free KL reference is the rejection-steered model, not the original target."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rerule_lightning.policy import reference_context
+
+    monkeypatch.chdir(tmp_path)
+    bench = "--data.init_args.benchmark.init_args."
+    rs_dir = tmp_path / "rs"
+    rc = main(["fit", "--config", str(CONFIGS / "muse_books" / "rs.yaml"),
+               "--model.init_args.policy.name_or_path", tiny_chat_model, "--model.init_args.policy.tokenizer",
+               tiny_chat_model, "--model.init_args.policy.dtype", "float32", "--model.init_args.learning_rate", "0.05",
+               "--model.init_args.export_dir", str(rs_dir), "--data.init_args.tokenizer", tiny_chat_model,
+               "--data.init_args.refusal_fraction", "0.5", "--data.init_args.batch_size", "2",
+               f"{bench}source", str(FIX / "muse_books"), f"{bench}prefix_words", "8",
+               f"{bench}continuation_words", "6", "--trainer.max_steps", "2", "--trainer.logger", "false",
+               "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path / "rs_logs")])
+    assert rc == 0
+    assert (rs_dir / "model.safetensors").is_file() and not (rs_dir / "adapter_config.json").exists()
+    assert (rs_dir / "adapter" / "adapter_config.json").is_file()
+    ids = torch.tensor([[1, 7, 11, 13, 17]])
+    rs_model = AutoModelForCausalLM.from_pretrained(str(rs_dir))
+    target = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    with torch.no_grad():
+        assert (rs_model(input_ids=ids).logits - target(input_ids=ids).logits).abs().max() > 1e-4
+    cli = lightning_main(["fit", "--config", str(CONFIGS / "muse_books" / "rule.yaml"),
+                          *_tiny(str(rs_dir), FIX / "muse_books", tmp_path), "--data.init_args.batch_size", "2",
+                          "--model.init_args.num_generations", "2", "--model.init_args.max_new_tokens", "4",
+                          "--model.init_args.export_dir", "null", "--trainer.max_steps", "1",
+                          "--trainer.logger", "false"])
+    assert cli.trainer.global_step == 1 and cli.model.policy_cfg.peft == "qlora"
+    with torch.no_grad(), reference_context(cli.model.model):  # 4-bit NF4 of the RS weights: close, not equal
+        ref = cli.model.model(input_ids=ids).logits
+        to_rs = (ref - rs_model(input_ids=ids).logits).abs().max()
+        to_target = (ref - target(input_ids=ids).logits).abs().max()
+    assert to_rs < to_target, (float(to_rs), float(to_target))

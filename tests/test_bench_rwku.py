@@ -308,3 +308,28 @@ def test_every_rwku_config_instantiates_without_loading_weights(paths: list[Path
     if sub == "fit" and bench is cli.datamodule:
         assert cli.model.policy_cfg.peft == "qlora" and cli.model.hparams.target_aware is True
         assert cli.trainer.max_steps == 20
+
+
+def test_qlora_rejection_steering_through_the_shipped_config(tiny_chat_model: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             one_torch_thread: None) -> None:
+    """configs/rwku/rs.yaml: 2 QLoRA steps on refusals naming the target, exported as merged weights."""
+    monkeypatch.chdir(tmp_path)
+    bench = "--data.init_args.benchmark.init_args."
+    rs_dir = tmp_path / "rs"
+    cli = lightning_main(["fit", "--config", str(CONFIGS / "rwku" / "rs.yaml"),
+                          "--model.init_args.policy.name_or_path", tiny_chat_model,
+                          "--model.init_args.policy.tokenizer", tiny_chat_model,
+                          "--model.init_args.policy.dtype", "float32", "--model.init_args.export_dir", str(rs_dir),
+                          "--data.init_args.tokenizer", tiny_chat_model, "--data.init_args.refusal_fraction", "0.5",
+                          "--data.init_args.batch_size", "2", f"{bench}source", str(FIX),
+                          f"{bench}tokenizer", tiny_chat_model, f"{bench}reference_model", tiny_chat_model,
+                          f"{bench}reference_max_new_tokens", "4", f"{bench}cache_dir", str(tmp_path / "cache"),
+                          "--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
+                          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                          "--trainer.default_root_dir", str(tmp_path / "logs")])
+    assert cli.trainer.global_step == 2 and cli.model.policy_cfg.peft == "qlora"
+    refusals = [p for p in cli.datamodule.pairs if p["kind"] == "refusal"]
+    target = json.loads((FIX / "forget_target" / "train.jsonl").read_text().splitlines()[0])["target"]
+    assert refusals and all(target in p["completion"] for p in refusals)  # refusals name the (first) target
+    assert (rs_dir / "model.safetensors").is_file() and (rs_dir / "adapter" / "adapter_config.json").is_file()
