@@ -159,9 +159,16 @@ def check_grpo_inputs(model: Any, datamodule: Any) -> None:
                                   int(hp["max_new_tokens"]), "--model.init_args.max_new_tokens",
                                   f"{world} (RL prompts)")
     if not errors and "eval_max_new_tokens" in hp:
+        suite = getattr(datamodule, "eval_suite", None)
+        specs = {s.name: s for s in suite.splits} if suite is not None else {}
         for split, items in datamodule.eval_items.items():
-            errors += prompt_length_errors(((r["id"], r["prompt"]) for r in items), count, limit,
-                                           int(hp["eval_max_new_tokens"]), "--model.init_args.eval_max_new_tokens",
+            spec = specs.get(split)
+            n_new, flag = int(hp["eval_max_new_tokens"]), "--model.init_args.eval_max_new_tokens"
+            if spec is not None and not spec.generate:
+                n_new, flag = 0, f"(no generation on split {split!r})"
+            elif spec is not None and spec.max_new_tokens is not None:  # the benchmark's own length, e.g. VerbMem
+                n_new, flag = spec.max_new_tokens, f"the {suite.name} suite's max_new_tokens of split {split!r}"
+            errors += prompt_length_errors(((r["id"], r["prompt"]) for r in items), count, limit, n_new, flag,
                                            f"{world} (split {split!r})")
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -362,3 +362,18 @@ def test_qlora_rejection_steering_then_rule_through_the_shipped_configs(tiny_cha
         to_rs = (ref - rs_model(input_ids=ids).logits).abs().max()
         to_target = (ref - target(input_ids=ids).logits).abs().max()
     assert to_rs < to_target, (float(to_rs), float(to_target))
+
+
+def test_split_generation_length_beyond_the_context_fails_before_training(tiny_prepared: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """The raw tiny model has 96 positions: VerbMem's own 128 new tokens cannot fit, whatever eval_max_new_tokens."""
+    monkeypatch.chdir(tmp_path)
+    target = tiny_prepared["links"]["target"]
+    rc = main(["fit", "--config", str(CONFIGS / "muse_books" / "rule.yaml"),
+               *_tiny(target, FIX / "muse_books", tmp_path), "--model.init_args.eval_max_new_tokens", "4",
+               "--model.init_args.max_new_tokens", "4", "--trainer.max_steps", "1", "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "muse_books suite's max_new_tokens of split 'verbmem_forget'=128" in err
+    assert "max_position_embeddings=96" in err and not (tmp_path / "logs").exists()
