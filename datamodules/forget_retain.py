@@ -99,7 +99,44 @@ def _eval_collate(rows: list[dict]) -> dict[str, list[Any]]:
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
-class ForgetRetainDataModule(L.LightningDataModule):
+class PromptPoolLoaders:
+    """Dataloaders shared by the RL datamodules: balanced, resumable RL batches from ``self.pool`` and one
+    evaluation dataloader per split of ``self.eval_splits`` over ``self.eval_items``.
+
+    The datamodule provides ``pool``, ``eval_items``, ``eval_splits``, ``_train`` (``None`` until first use)
+    and the hyper-parameters ``batch_size``, ``forget_fraction``, ``seed``, ``epoch_length``, ``eval_batch_size``.
+    """
+
+    def train_dataloader(self) -> BalancedPromptBatches:
+        if self._train is None:
+            h = self.hparams
+            trainer = getattr(self, "trainer", None)
+            rank = trainer.global_rank if trainer is not None else 0
+            world_size = trainer.world_size if trainer is not None else 1
+            self._train = BalancedPromptBatches(
+                [r for r in self.pool if r["label"] == "forget"], [r for r in self.pool if r["label"] == "boundary"],
+                h.batch_size, h.forget_fraction, h.seed, h.epoch_length, rank, world_size,
+                start_fn=self._next_batch_index if trainer is not None else None)
+        return self._train
+
+    def _next_batch_index(self) -> int:
+        """Batches already trained on: optimizer steps divided by the module's steps per batch (μ)."""
+        module = self.trainer.lightning_module
+        mu = int(getattr(module, "hparams", {}).get("num_iterations", 1) or 1)
+        return self.trainer.global_step // mu
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        return [DataLoader(self.eval_items[s], batch_size=self.hparams.eval_batch_size, shuffle=False,
+                           collate_fn=_eval_collate) for s in self.eval_splits]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+
+class ForgetRetainDataModule(PromptPoolLoaders, L.LightningDataModule):
     """RL prompts (forget + boundary) for training and per-split evaluation data.
 
     Args:
@@ -158,31 +195,3 @@ class ForgetRetainDataModule(L.LightningDataModule):
             if h.eval_max_items is not None and len(items) > h.eval_max_items:
                 items = sorted(rng.sample(items, h.eval_max_items), key=lambda x: x["id"])
             self.eval_items[s] = items
-
-    def train_dataloader(self) -> BalancedPromptBatches:
-        if self._train is None:
-            h = self.hparams
-            trainer = getattr(self, "trainer", None)
-            rank = trainer.global_rank if trainer is not None else 0
-            world_size = trainer.world_size if trainer is not None else 1
-            self._train = BalancedPromptBatches(
-                [r for r in self.pool if r["label"] == "forget"], [r for r in self.pool if r["label"] == "boundary"],
-                h.batch_size, h.forget_fraction, h.seed, h.epoch_length, rank, world_size,
-                start_fn=self._next_batch_index if trainer is not None else None)
-        return self._train
-
-    def _next_batch_index(self) -> int:
-        """Batches already trained on: optimizer steps divided by the module's steps per batch (μ)."""
-        module = self.trainer.lightning_module
-        mu = int(getattr(module, "hparams", {}).get("num_iterations", 1) or 1)
-        return self.trainer.global_step // mu
-
-    def _eval_loaders(self) -> list[DataLoader]:
-        return [DataLoader(self.eval_items[s], batch_size=self.hparams.eval_batch_size, shuffle=False,
-                           collate_fn=_eval_collate) for s in self.eval_splits]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()

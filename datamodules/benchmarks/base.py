@@ -29,9 +29,8 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities.parsing import save_hyperparameters
-from torch.utils.data import DataLoader
 
-from datamodules.forget_retain import PROMPT_COLUMNS, BalancedPromptBatches, _eval_collate
+from datamodules.forget_retain import PROMPT_COLUMNS, BalancedPromptBatches, PromptPoolLoaders
 from rerule_lightning.eval_suite import EvalSuite
 from rerule_lightning.prompting import format_prompt
 
@@ -68,7 +67,7 @@ def check_no_probe_leak(pool: Sequence[dict], items: dict[str, list[dict]], data
                              f"split {hit[0]!r} (question {r['question'][:80]!r}); never train on evaluation probes")
 
 
-class BenchmarkDataModule(L.LightningDataModule):
+class BenchmarkDataModule(PromptPoolLoaders, L.LightningDataModule):
     """RL prompts and per-split evaluation items of a real benchmark (subclass hooks below).
 
     Args:
@@ -219,33 +218,6 @@ class BenchmarkDataModule(L.LightningDataModule):
     def _render_row(self, row: dict) -> dict:
         prompt = row.get("prompt")
         return {**row, "prompt": prompt if isinstance(prompt, str) else self.render(row["question"])}
-
-    def train_dataloader(self) -> BalancedPromptBatches:
-        if self._train is None:
-            h = self.hparams
-            trainer = getattr(self, "trainer", None)
-            rank = trainer.global_rank if trainer is not None else 0
-            world_size = trainer.world_size if trainer is not None else 1
-            self._train = BalancedPromptBatches(
-                [r for r in self.pool if r["label"] == "forget"], [r for r in self.pool if r["label"] == "boundary"],
-                h.batch_size, h.forget_fraction, h.seed, h.epoch_length, rank, world_size,
-                start_fn=self._next_batch_index if trainer is not None else None)
-        return self._train
-
-    def _next_batch_index(self) -> int:
-        module = self.trainer.lightning_module
-        mu = int(getattr(module, "hparams", {}).get("num_iterations", 1) or 1)
-        return self.trainer.global_step // mu
-
-    def _eval_loaders(self) -> list[DataLoader]:
-        return [DataLoader(self.eval_items[s], batch_size=self.hparams.eval_batch_size, shuffle=False,
-                           collate_fn=_eval_collate) for s in self.eval_splits]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
 
     def data_signature(self) -> str:
         """Hash of the evaluated items (ids, prompts, answers, options) and the suite: the retain-reference
