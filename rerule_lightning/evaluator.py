@@ -28,6 +28,7 @@ from rerule_lightning.eval_suite import EvalSuite, SplitSpec, embedded_suite
 from rerule_lightning.generation import cut_at_stop, greedy_generate
 from rerule_lightning.grpo import token_logprobs
 from rerule_lightning.jsonio import write_json_atomic
+from rerule_lightning.logprobs import accepts_logits_to_keep
 from rerule_lightning.metrics import (
     AnswerAccuracy,
     AnswerProbability,
@@ -95,7 +96,7 @@ def teacher_forced_stats(model: Any, tokenizer: Any, prompts: Sequence[str], ans
     if any(len(p) == 0 for p, _ in seqs):
         raise ValueError("every prompt needs at least one token (a bos token or prompt text)")
     device = next(model.parameters()).device
-    keep_kw = _accepts_logits_to_keep(model)
+    keep_kw = accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()
     order = sorted(range(n), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
@@ -132,16 +133,6 @@ def teacher_forced_stats(model: Any, tokenizer: Any, prompts: Sequence[str], ans
     nll = nll.masked_fill(count == 0, math.nan)  # [N]
     return {"nll_mean": nll, "token_logprobs": out_lp, "mask": out_mask, "pred_ids": out_pred,
             "target_ids": out_tgt}
-
-
-def _accepts_logits_to_keep(model: Any) -> bool:
-    """Whether ``model.forward`` takes ``logits_to_keep`` (then only the answer window's logits are built)."""
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class UnlearningEvaluator(torch.nn.Module):

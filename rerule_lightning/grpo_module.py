@@ -31,12 +31,14 @@ counters are in the checkpoint, so a resumed fit continues them exactly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
+from rerule_lightning import logprobs
 from rerule_lightning.checkpointing import check_state_dict_matches
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
@@ -196,23 +198,18 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         Returns:
             ``(logp [N, T'], mask [N, T'])``.
         """
-        import contextlib
-        import inspect
-
-        from rerule_lightning.logprobs import prompt_runs, shared_prefix_logprobs, supports_prefix_cache
 
         model = self.ref_model if reference and self.ref_model is not None else self.model
         ctx = reference_context(model) if reference and self.ref_model is None else contextlib.nullcontext()
         pad, temp = self.tokenizer.pad_token_id, self.hparams.temperature
-        if (reference and not torch.is_grad_enabled() and len(prompt_runs(prompt_ids)[0]) < len(prompt_ids)
-                and supports_prefix_cache(model)):
+        if (reference and not torch.is_grad_enabled() and len(logprobs.prompt_runs(prompt_ids)[0]) < len(prompt_ids)
+                and logprobs.supports_prefix_cache(model)):
             with ctx:
-                return shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad, temp)
+                return logprobs.shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad, temp)
         input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, pad)
         t = input_ids.size(1) - p
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn}
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the LM
-        if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        if logprobs.accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = t + 1  # lm_head only on the positions that predict completion tokens
         with ctx:
             logits = model(**kwargs).logits  # [N, T'+1, V] (or [N, P+T', V] without logits_to_keep)

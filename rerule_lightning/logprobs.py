@@ -31,11 +31,24 @@ def prompt_runs(prompt_ids: list[Tensor]) -> tuple[list[Tensor], list[int]]:
     return uniq, index
 
 
+def forward_parameters(model: Any) -> set[str]:
+    """Argument names of the causal LM's ``forward`` (unwrapping a PEFT model; empty when not inspectable)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the LM
+    try:
+        return set(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the LM takes ``logits_to_keep`` (then the LM head runs only on the positions asked for)."""
+    return "logits_to_keep" in forward_parameters(model)
+
+
 def cache_argument(model: Any) -> str | None:
     """Name of the KV-cache argument of ``model``'s forward (``cache`` from transformers 5.2x on,
     ``past_key_values`` before), or ``None`` when it also lacks ``logits_to_keep``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the LM
-    params = inspect.signature(base.forward).parameters
+    params = forward_parameters(model)
     if "logits_to_keep" not in params:
         return None
     return next((name for name in ("cache", "past_key_values") if name in params), None)

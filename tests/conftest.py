@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -19,6 +20,18 @@ TINY_WORLD = dict(seed=0, preset="hard", num_families=5, authors_per_family=3, n
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                   max_position_embeddings=96)
 TINY_TRAIN = dict(epochs=60, learning_rate=5e-3, warmup_steps=10, batch_size=32, seed=0)
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load a model or tokenizer fails the test."""
+    import transformers
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights or tokenizer loaded while only instantiating a config")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
 
 
 @pytest.fixture(scope="module")

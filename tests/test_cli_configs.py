@@ -46,18 +46,6 @@ def _lightning_args(path: Path) -> tuple[list[str], dict[str, Any]]:
     return args, cfg
 
 
-@pytest.fixture
-def no_weight_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to load a model or tokenizer fails the test."""
-    import transformers
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("weights or tokenizer loaded while only instantiating a config")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
-
-
 def test_config_glob_finds_the_stage_configs() -> None:
     names = {p.relative_to(CONFIGS).as_posix() for p in LIGHTNING_CONFIGS}
     assert {"embedded/rule.yaml", "embedded/rs.yaml"} <= names
