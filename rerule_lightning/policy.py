@@ -69,10 +69,14 @@ def plain_hparams(module: object, **configs: object) -> None:
         module.hparams[name] = None if cfg is None else asdict(cfg)
 
 
+def looks_local(path: str) -> bool:
+    """Whether ``path`` is meant as a local path rather than a hub id (hub ids are ``org/name``)."""
+    return path.startswith((".", "/", "~")) or path.count("/") >= 2
+
+
 def _check_local(path: str, what: str) -> None:
     """Fail early, naming the flag, when a local-looking path does not exist."""
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") >= 2  # hub ids are "org/name"
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+    if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(
             f"{what}={path!r}: directory not found. For the embedded world run "
             "`rerule prepare --config configs/embedded/prepare.yaml` first."
