@@ -187,19 +187,6 @@ def _as_list(x: str | list[str] | None) -> list[str]:
     return [p.strip() for i in items for p in str(i).split(",") if p.strip()]
 
 
-def _check_reachable(url: str, timeout: float = 3.0) -> None:
-    """Fail fast (MLflow's own client retries for minutes) when nothing listens at a server URI."""
-    import socket
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    port = u.port or (443 if u.scheme == "https" else 80)
-    try:
-        socket.create_connection((u.hostname or "localhost", port), timeout=timeout).close()
-    except OSError as e:
-        raise ValueError(f"--tracking_uri={url}: cannot reach the tracking server ({e})") from None
-
-
 def open_store(tracking_uri: str) -> Any:
     """An ``MlflowClient`` for an existing, reachable store, else ``ValueError`` (nothing is created)."""
     from mlflow.tracking import MlflowClient
@@ -212,8 +199,12 @@ def open_store(tracking_uri: str) -> Any:
         path = tracking_uri[len("file://"):] if tracking_uri.startswith("file://") else tracking_uri
         if not os.path.isdir(path):
             raise ValueError(f"--tracking_uri={tracking_uri}: no such MLflow directory {path!r}")
-    elif tracking_uri.startswith(("http://", "https://")):
-        _check_reachable(tracking_uri)
+    elif tracking_uri.startswith(("http://", "https://")):  # fail fast: MLflow's client retries for minutes
+        from rerule_lightning.tracking import server_problem
+
+        problem = server_problem(tracking_uri, timeout_s=3.0)
+        if problem is not None:
+            raise ValueError(f"--tracking_uri={tracking_uri}: cannot reach the tracking server ({problem})")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         client.search_experiments(max_results=1)

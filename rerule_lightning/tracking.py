@@ -91,26 +91,32 @@ def is_remote(uri: str | None) -> bool:
     return bool(uri) and uri.startswith(("http://", "https://"))
 
 
+def server_problem(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why the tracking server at ``uri`` does not answer ``GET {uri}/health``; ``None`` when it does (or when
+    ``uri`` is not an HTTP(S) server)."""
+    import urllib.error
+    import urllib.request
+
+    if not is_remote(uri):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            return None if r.status == 200 else f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail before training when a tracking server does not answer ``GET {uri}/health``.
 
     Raises:
         ValueError: Naming the URI, the error and the flags that change or disable the logger.
     """
-    import urllib.error
-    import urllib.request
-
-    if not is_remote(uri):
+    problem = server_problem(uri, timeout_s)
+    if problem is None:
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-            if r.status == 200:
-                return
-            problem = f"HTTP {r.status}"
-    except urllib.error.HTTPError as e:
-        problem = f"HTTP {e.code}"
-    except (OSError, ValueError) as e:
-        problem = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
     raise ValueError(
         f"MLflow tracking server {uri} is not reachable ({problem}); nothing was trained. Start the server, or "
         f"pass --trainer.logger.init_args.tracking_uri sqlite:///mlflow.db (local store) or --trainer.logger false")
