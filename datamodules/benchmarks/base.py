@@ -52,12 +52,18 @@ def stable_sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
-def check_no_probe_leak(pool: Sequence[dict], items: dict[str, list[dict]], dataset: str) -> None:
-    """Raise ``ValueError`` when a boundary RL prompt's question is an evaluation item's question."""
+def probe_index(items: dict[str, list[dict]]) -> dict[str, tuple[str, str]]:
+    """Normalised question -> ``(split, id)`` of the (first) evaluation item asking it."""
     seen: dict[str, tuple[str, str]] = {}
     for split, rows in items.items():
         for r in rows:
             seen.setdefault(normalise_question(r["question"]), (split, r["id"]))
+    return seen
+
+
+def check_no_probe_leak(pool: Sequence[dict], items: dict[str, list[dict]], dataset: str) -> None:
+    """Raise ``ValueError`` when a boundary RL prompt's question is an evaluation item's question."""
+    seen = probe_index(items)
     for r in pool:
         if r["label"] != "boundary" or not r["question"]:
             continue
@@ -260,4 +266,4 @@ def _check_items(rows: list[dict], split: str, dataset: str) -> None:
 
 
 __all__ = ["EVAL_COLUMNS", "LABELS", "PROMPT_COLUMNS", "BenchmarkDataModule", "check_no_probe_leak",
-           "normalise_question", "stable_sample"]
+           "normalise_question", "probe_index", "stable_sample"]

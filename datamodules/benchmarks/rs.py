@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.benchmarks.base import BenchmarkDataModule, normalise_question
+from datamodules.benchmarks.base import BenchmarkDataModule, normalise_question, probe_index
 from rerule_lightning.prompting import format_answer
 from rerule_lightning.sft import collate_right_padded, tokenize_pair
 
@@ -90,8 +90,7 @@ class RejectionSteeringDataModule(L.LightningDataModule):
             bench._tokenizer = self._tokenizer
         bench.setup(stage)
         anchors = bench.anchor_pairs(bench.raw)
-        probes = {normalise_question(r["question"]): (s, r["id"]) for s, rows in bench.eval_items.items()
-                  for r in rows}
+        probes = probe_index(bench.eval_items)
         for a in anchors:
             hit = probes.get(normalise_question(a["question"]))
             if hit is not None:
