@@ -14,6 +14,7 @@ question paraphrase of every fact; items are dicts of lists (``prompt``, ``quest
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -22,7 +23,9 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.embedded import load_world
+from rerule_lightning.eval_report import ReferenceItems, dir_signature
 from rerule_lightning.eval_suite import EvalSuite, embedded_suite
+from rerule_lightning.evaluator import FORGET, HOLDOUT
 from rerule_lightning.prompting import format_prompt
 
 EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
@@ -175,6 +178,21 @@ class ForgetRetainDataModule(PromptPoolLoaders, L.LightningDataModule):
         self.pool: list[dict] = []
         self._train: BalancedPromptBatches | None = None
         self.eval_items: dict[str, list[dict]] = {}
+
+    def reference_items(self, eval_splits: list[str] | None = None) -> ReferenceItems:
+        """The forget and holdout items the retain reference is computed on: the subsample a datamodule with
+        these settings evaluates (``forget`` and ``holdout`` appended when absent, so earlier subsamples are
+        unchanged), rows not rendered (the evaluator renders them as it renders the evaluated ones)."""
+        h = self.hparams
+        splits = list(eval_splits) if eval_splits is not None else list(self.eval_splits)
+        splits += [s for s in (FORGET, HOLDOUT) if s not in splits]
+        dm = ForgetRetainDataModule(world_dir=h.world_dir, eval_splits=splits, eval_max_items=h.eval_max_items,
+                                    eval_batch_size=h.eval_batch_size, seed=h.seed)
+        dm.setup("test")
+        signature = {"world_dir": dir_signature(h.world_dir), "eval_splits": splits,
+                     "eval_max_items": h.eval_max_items, "seed": h.seed}
+        return ReferenceItems(embedded_suite([FORGET, HOLDOUT]), {s: dm.eval_items[s] for s in (FORGET, HOLDOUT)},
+                              signature, rendered=False, data_id={"world_dir": os.path.realpath(h.world_dir)})
 
     def setup(self, stage: str | None = None) -> None:
         if self.world is not None:

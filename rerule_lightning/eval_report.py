@@ -4,10 +4,9 @@ The glue functions take the LightningModule, so :class:`rerule_lightning.grpo_mo
 and :class:`rerule_lightning.eval_module.EvalModule` share one implementation. They expect the module to
 have ``hparams.eval_reference``, ``hparams.eval_report_path``, ``hparams.eval_max_new_tokens``,
 ``policy_cfg``, ``model``, ``tokenizer`` and an ``evaluator`` attribute (``None`` until ``setup``), and the
-datamodule to have ``eval_splits`` and ``eval_suite`` (:class:`rerule_lightning.eval_suite.EvalSuite`), and either
-``world_dir`` / ``eval_max_items`` / ``eval_batch_size`` / ``seed`` hyper-parameters (the embedded
-:class:`datamodules.forget_retain.ForgetRetainDataModule`) or ``data_signature()`` and rendered prompts
-(:class:`datamodules.benchmarks.base.BenchmarkDataModule`: the retain reference is computed from its own items).
+datamodule to have ``eval_splits`` and ``eval_suite`` (:class:`rerule_lightning.eval_suite.EvalSuite`) and, when
+a retain reference is asked for, ``reference_items(splits)`` returning :class:`ReferenceItems`. This module never
+imports a datamodule: each datamodule says which items its reference is computed on.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ from typing import Any
 
 import torch
 
-from rerule_lightning.eval_suite import EvalSuite, embedded_suite
-from rerule_lightning.evaluator import FORGET, HOLDOUT, UnlearningEvaluator, write_json_atomic
+from rerule_lightning.eval_suite import EvalSuite
+from rerule_lightning.evaluator import UnlearningEvaluator, write_json_atomic
 
 _SIGNATURE_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
 _SIGNATURE_SUFFIXES = (".safetensors", ".bin", ".pt", ".model", ".index.json")
@@ -77,23 +76,38 @@ def default_reference_cache(retain_model_dir: str) -> str:
     return os.path.join(folder, "eval_reference.json")
 
 
-def compute_reference(retain_model_dir: str, world_dir: Any, cache_path: str | None = None, *,
-                      eval_splits: Sequence[str] | None = None, eval_max_items: int | None = None, seed: int = 0,
+@dataclasses.dataclass
+class ReferenceItems:
+    """What the retain reference is computed on; a datamodule builds it (``datamodule.reference_items(splits)``),
+    so the evaluation core never constructs a benchmark's loader.
+
+    Attributes:
+        suite: The suite whose forget-quality split and MIA pair are scored (teacher-forced only).
+        items: Split name -> evaluation rows (``id``, ``prompt`` or ``question``, answers, options).
+        signature: JSON-able identity of the items (part of the cache key).
+        rendered: Whether ``prompt`` is already rendered (benchmarks) or is rendered by the evaluator (embedded).
+        data_id: Identifiers written into the cache entry (world directory, data signature, source).
+    """
+
+    suite: EvalSuite
+    items: Mapping[str, Sequence[Mapping[str, Any]]]
+    signature: Any
+    rendered: bool = False
+    data_id: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def compute_reference(retain_model_dir: str, source: ReferenceItems, cache_path: str | None = None, *,
                       batch_size: int = 64, k: float = 0.4, include_eos: bool = False,
                       use_chat_template: bool = False, dtype: str = "float32",
                       device: torch.device | str | None = None) -> dict[str, Any]:
     """The retain model's per-item forget truth ratios and forget-vs-holdout Min-K% AUC, computed once.
 
-    ``world_dir`` is either the embedded world directory or a set-up benchmark datamodule (anything with
-    ``eval_suite``, ``eval_items`` and ``data_signature()``, e.g. :class:`datamodules.benchmarks.base.BenchmarkDataModule`).
-
-    Embedded world: items are those a ``ForgetRetainDataModule(world_dir, eval_splits=..., eval_max_items=...,
-    seed=...)`` evaluates (so a subsample matches the evaluated one). Benchmark datamodule: the datamodule's own
-    items of its suite's forget-quality split and MIA splits (``eval_splits``, ``eval_max_items`` and ``seed``
-    are then ignored: the datamodule already applied them). Either way they are scored by the evaluator's own
-    teacher-forced code path in the same batches, and cached in the JSON file ``cache_path`` (default
-    :func:`default_reference_cache`) under a hash of the retain model's files (name, size, mtime), the world
-    directory or the datamodule's ``data_signature()``, and these settings; the file is rewritten atomically.
+    ``source`` comes from the datamodule (:class:`ReferenceItems`; the embedded
+    :class:`datamodules.forget_retain.ForgetRetainDataModule` evaluates the same subsample as the evaluated
+    splits, a benchmark datamodule its own items of its suite's forget-quality and MIA splits). The items are
+    scored by the evaluator's own teacher-forced code path in the same batches, and cached in the JSON file
+    ``cache_path`` (default :func:`default_reference_cache`) under a hash of the retain model's files (name,
+    size, mtime), ``source.signature`` and these settings; the file is rewritten atomically.
 
     Returns:
         ``{"forget_truth_ratios": [...], "forget_ids": [...], "mia_auc": float | None, "key": str, ...}``.
@@ -102,22 +116,12 @@ def compute_reference(retain_model_dir: str, world_dir: Any, cache_path: str | N
 
     settings: dict[str, Any] = {"batch_size": batch_size, "k": k, "include_eos": include_eos,
                                 "use_chat_template": use_chat_template, "dtype": dtype}
-    if isinstance(world_dir, str):
-        from datamodules.forget_retain import ForgetRetainDataModule
-
-        splits = list(eval_splits) if eval_splits is not None else [FORGET, HOLDOUT]
-        splits += [s for s in (FORGET, HOLDOUT) if s not in splits]  # appended last: earlier subsamples unchanged
-        settings = {"eval_splits": splits, "eval_max_items": eval_max_items, "seed": seed, **settings}
-        key = _hash([dir_signature(retain_model_dir), dir_signature(world_dir), settings])
-        data_id = {"world_dir": os.path.realpath(world_dir)}
-        suite, dm = embedded_suite([FORGET, HOLDOUT]), None
-    else:
-        dm, full = world_dir, world_dir.eval_suite
-        names = list(dict.fromkeys(s for s in [full.forget_quality_split, *(full.mia or ())] if s))
-        suite = EvalSuite(full.name, [dataclasses.replace(full.spec(n), generate=False) for n in names],
-                          forget_quality_split=full.forget_quality_split, mia=full.mia)
-        key = _hash([dir_signature(retain_model_dir), dm.data_signature(), settings])
-        data_id = {"data_signature": dm.data_signature(), "source": getattr(dm, "source", None)}
+    full = source.suite
+    names = list(dict.fromkeys(s for s in [full.forget_quality_split, *(full.mia or ())] if s))
+    suite = EvalSuite(full.name, [dataclasses.replace(full.spec(n), generate=False) for n in names],
+                      forget_quality_split=full.forget_quality_split, mia=full.mia)
+    key = _hash([dir_signature(retain_model_dir), source.signature, settings])
+    data_id = dict(source.data_id)
     path = cache_path or default_reference_cache(retain_model_dir)
     cache = _read_json(path)
     if key in cache:
@@ -126,14 +130,10 @@ def compute_reference(retain_model_dir: str, world_dir: Any, cache_path: str | N
     tokenizer = load_tokenizer(cfg)
     model = load_base_model(retain_model_dir, cfg).eval().requires_grad_(False)
     model.to(device if device is not None else "cpu")
-    render = use_chat_template if dm is None else False  # benchmark items carry rendered prompts
-    if dm is None:
-        dm = ForgetRetainDataModule(world_dir=world_dir, eval_splits=splits, eval_max_items=eval_max_items,
-                                    eval_batch_size=batch_size, seed=seed)
-        dm.setup("test")
     ev = UnlearningEvaluator(suite, max_new_tokens=0, k=k, batch_size=batch_size, include_eos=include_eos,
-                             use_chat_template=use_chat_template, render_prompts=render)
-    evaluate_items(ev, model, tokenizer, dm.eval_items, batch_size)
+                             use_chat_template=use_chat_template,
+                             render_prompts=False if source.rendered else use_chat_template)
+    evaluate_items(ev, model, tokenizer, {n: source.items[n] for n in names}, batch_size)
     values = ev.compute()
     del model
     fq, member = suite.forget_quality_split, (suite.mia or (None,))[0]
@@ -186,10 +186,11 @@ def prepare_reference(module: Any) -> None:
     if ev is None or not path or ev.retain_reference is not None:
         return
     dm = _datamodule(module)
-    h = dm.hparams
+    if not hasattr(dm, "reference_items"):
+        raise RuntimeError(f"model.eval_reference is set but {type(dm).__name__} has no reference_items(splits): "
+                           "it cannot provide the items the retain reference is computed on")
     ev.set_reference(compute_reference(
-        path, dm if hasattr(dm, "data_signature") else h["world_dir"], eval_splits=ev.splits, eval_max_items=h.get("eval_max_items"),
-        seed=h.get("seed", 0), batch_size=ev.batch_size, k=ev.k, include_eos=ev.include_eos,
+        path, dm.reference_items(ev.splits), batch_size=ev.batch_size, k=ev.k, include_eos=ev.include_eos,
         use_chat_template=ev.use_chat_template, dtype=module.policy_cfg.dtype, device=module.device))
 
 
@@ -281,7 +282,7 @@ def _log_artifact(module: Any, path: str) -> None:
             logger.experiment.log_artifact(logger.run_id, path)
 
 
-__all__ = ["compute_reference", "default_reference_cache", "dir_signature", "evaluate_items",
+__all__ = ["ReferenceItems", "compute_reference", "default_reference_cache", "dir_signature", "evaluate_items",
            "evaluation_epoch_end", "evaluation_step", "prepare_reference", "print_summary", "report_identifiers",
            "setup_evaluator"]
 

@@ -26,9 +26,8 @@ from torch import Tensor
 
 from rerule_lightning.eval_suite import EvalSuite, SplitSpec, embedded_suite
 from rerule_lightning.generation import cut_at_stop, greedy_generate
-from rerule_lightning.grpo import token_logprobs
 from rerule_lightning.jsonio import write_json_atomic
-from rerule_lightning.logprobs import accepts_logits_to_keep
+from rerule_lightning.logprobs import accepts_logits_to_keep, token_logprobs
 from rerule_lightning.metrics import (
     AnswerAccuracy,
     AnswerProbability,
@@ -146,7 +145,7 @@ class UnlearningEvaluator(torch.nn.Module):
             ``forget_truth_ratios`` (per item of the forget-quality split) and ``mia_auc`` (its Min-K% AUC).
             Without it there is no forget quality and no privleak; see :meth:`set_reference`.
         max_new_tokens: Greedy tokens per answer (a split's ``max_new_tokens`` overrides it); 0 skips generation.
-        refusal_fn: Refusal detector; defaults to :func:`rerule_lightning.rewards.is_refusal`.
+        refusal_fn: Refusal detector; defaults to :func:`rerule_lightning.answers.is_refusal`.
         k: Min-K% fraction.
         batch_size: Sequences per generation / forward pass.
         include_eos: Count the eos token as an answer token in teacher-forced passes.

@@ -1,4 +1,5 @@
-"""No-grad completion log-probs with each distinct prompt encoded once (the reference pass of a GRPO step).
+"""Per-token log-probs: the chunked, upcast-per-chunk :func:`token_logprobs`, and no-grad completion
+log-probs with each distinct prompt encoded once (the reference pass of a GRPO step).
 
 A GRPO step scores G completions of every prompt. The reference model needs no gradient, so each distinct
 prompt is run once (``[U, P]``), its KV cache is repeated for its G rows, and only the completion tokens
@@ -16,7 +17,80 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rerule_lightning.grpo import token_logprobs
+
+class _UpcastLogprob(torch.autograd.Function):
+    """log p(target) of one low-precision chunk, upcast inside; saves the chunk itself (a view of the logits)
+    and the ``[b, L]`` logsumexp for backward, and recomputes the upcast there, so no float32 ``[b, L, V]``
+    copy outlives the chunk's forward."""
+
+    @staticmethod
+    def forward(ctx: object, chunk: Tensor, tgt: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+        x = chunk.to(dtype)  # [b, L, V]
+        if temperature != 1.0:
+            x = x / temperature  # [b, L, V]
+        lse = torch.logsumexp(x, dim=-1)  # [b, L]
+        ctx.save_for_backward(chunk, tgt, lse)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        return x.gather(-1, tgt).squeeze(-1) - lse  # [b, L]
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        chunk, tgt, lse = ctx.saved_tensors
+        x = chunk.to(ctx.dtype)  # [b, L, V]
+        if ctx.temperature != 1.0:
+            x = x / ctx.temperature  # [b, L, V]
+        g = grad.unsqueeze(-1)  # [b, L, 1]
+        dx = torch.exp(x - lse.unsqueeze(-1)).mul_(-g)  # [b, L, V]: −softmax · g
+        dx.scatter_add_(-1, tgt, g)  # + g at the target
+        if ctx.temperature != 1.0:
+            dx.div_(ctx.temperature)
+        return dx.to(chunk.dtype), None, None, None
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, chunk_size: int = 8, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each target token, without a full-precision ``[B, L, V]`` log-softmax.
+
+    log p(y_t) = logit[y_t] − logsumexp(logits_t), computed over chunks of ``chunk_size`` sequences, each
+    upcast to (at least) float32 on its own, so peak extra memory is one chunk's float32 logits. For
+    low-precision logits that require grad, a custom backward recomputes each chunk's upcast instead of
+    keeping it (autograd's logsumexp would keep every chunk's float32 copy until backward).
+
+    Args:
+        logits: ``[B, L, V]`` logits (any float dtype; bf16/fp16 are upcast per chunk).
+        targets: ``[B, L]`` token ids (already shifted to align with ``logits``).
+        chunk_size: Sequences per chunk (>= 1).
+        temperature: Log-probs of ``logits / temperature``, divided per upcast chunk (never a full-size
+            copy of ``logits``); 1.0 divides nothing.
+
+    Returns:
+        ``[B, L]`` log-probabilities in float32 (float64 for float64 logits); differentiable.
+
+    Raises:
+        ValueError: On a non-positive ``chunk_size`` or ``temperature``, or mismatched shapes.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0")
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"logits [B, L, V] and targets [B, L] disagree: {tuple(logits.shape)} vs "
+                         f"{tuple(targets.shape)}")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    out = []
+    for start in range(0, logits.size(0), chunk_size):
+        if logits.dtype != dtype and logits.requires_grad:  # keep no float32 upcast alive for backward
+            tgt = targets[start:start + chunk_size].unsqueeze(-1)  # [b, L, 1]
+            out.append(_UpcastLogprob.apply(logits[start:start + chunk_size], tgt, temperature, dtype))  # [b, L]
+            continue
+        chunk = logits[start:start + chunk_size].to(dtype)  # [b, L, V] (a view when already float32)
+        if temperature != 1.0:
+            chunk = chunk / temperature  # [b, L, V]
+        tgt = targets[start:start + chunk_size].unsqueeze(-1)  # [b, L, 1]
+        picked = chunk.gather(-1, tgt).squeeze(-1)  # [b, L]
+        out.append(picked - torch.logsumexp(chunk, dim=-1))  # [b, L]
+    if not out:
+        return logits.new_zeros(targets.shape, dtype=dtype)  # [0, L]
+    return torch.cat(out, dim=0)  # [B, L]
 
 
 def prompt_runs(prompt_ids: list[Tensor]) -> tuple[list[Tensor], list[int]]:

@@ -13,7 +13,7 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rerule_lightning.report import Row
+    from rerule_lightning.report_rows import Row
 
 # (file, title, y label, [(metric, line style)], fallback [(metric, line style)] used when the primary
 # metrics have no curve with >= 2 points)
@@ -98,7 +98,7 @@ def plot_curves(rows: list[Row], path: str, title: str, ylabel: str, metrics: li
 
 def plot_pareto(rows: list[Row], on_front: list[bool], path: str, pareto_x: str, pareto_y: str) -> str:
     """Forget-vs-retain scatter: small dots per unit, large markers per row, the front joined and ringed."""
-    from rerule_lightning.report import axis_value
+    from rerule_lightning.report_rows import axis_value
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 5))

@@ -74,7 +74,7 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") >= 2
 
 
-def _check_local(path: str, what: str) -> None:
+def check_local_path(path: str, what: str) -> None:
     """Fail early, naming the flag, when a local-looking path does not exist."""
     if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise FileNotFoundError(
@@ -88,7 +88,7 @@ def load_tokenizer(cfg: PolicyConfig) -> Any:
     from transformers import AutoTokenizer
 
     path = cfg.tokenizer or cfg.name_or_path
-    _check_local(path, "policy.tokenizer" if cfg.tokenizer else "policy.name_or_path")
+    check_local_path(path, "policy.tokenizer" if cfg.tokenizer else "policy.name_or_path")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -100,7 +100,7 @@ def load_base_model(path: str, cfg: PolicyConfig, quantize: bool = False) -> tor
     """Load an ``AutoModelForCausalLM``, optionally quantised to 4-bit NF4."""
     from transformers import AutoModelForCausalLM
 
-    _check_local(path, "policy.name_or_path")
+    check_local_path(path, "policy.name_or_path")
     kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if quantize:
         from transformers import BitsAndBytesConfig

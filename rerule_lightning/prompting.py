@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+#: Label of prompt and padding positions (ignored by the cross-entropy of supervised fine-tuning).
+IGNORE_INDEX = -100
+
 RAW_TEMPLATE = "Question: {question}\nAnswer:"
 
 
@@ -39,3 +44,34 @@ def format_prompt(question: str, tokenizer: Any | None = None, use_chat_template
 def format_answer(answer: str, use_chat_template: bool = False) -> str:
     """The completion text for a target answer (raw format: a leading space)."""
     return answer if use_chat_template else " " + answer
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, completion: str, max_length: int) -> dict[str, list[int]]:
+    """Token ids of ``bos + prompt + completion + eos`` with labels masked on the prompt.
+
+    The prompt and completion are tokenised separately, so the prompt's ids are exactly those a rollout
+    or an evaluation sees when it tokenises the prompt alone.
+
+    Raises:
+        ValueError: If the pair is longer than ``max_length`` tokens (naming the prompt).
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) + len(c) > max_length:
+        raise ValueError(f"example is {len(p) + len(c)} tokens, over max_length={max_length}: {prompt[:80]!r}")
+    return {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
+
+
+def collate_right_padded(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenised pairs to the longest one."""
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)  # [B, L]
+    labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)  # [B, L]
+    mask = torch.zeros((len(batch), n), dtype=torch.long)  # [B, L]
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        ids[i, :k] = torch.tensor(b["input_ids"])
+        labels[i, :k] = torch.tensor(b["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rerule_lightning.policy import PolicyConfig, build_policy, load_tokenizer, plain_hparams, save_policy
-
-IGNORE_INDEX = -100
+from rerule_lightning.prompting import IGNORE_INDEX, collate_right_padded, tokenize_pair  # noqa: F401
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,37 +32,6 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_labels = labels[:, 1:]  # [B, L-1]
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                            ignore_index=IGNORE_INDEX)
-
-
-def tokenize_pair(tokenizer: Any, prompt: str, completion: str, max_length: int) -> dict[str, list[int]]:
-    """Token ids of ``bos + prompt + completion + eos`` with labels masked on the prompt.
-
-    The prompt and completion are tokenised separately, so the prompt's ids are exactly those a rollout
-    or an evaluation sees when it tokenises the prompt alone.
-
-    Raises:
-        ValueError: If the pair is longer than ``max_length`` tokens (naming the prompt).
-    """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(p) + len(c) > max_length:
-        raise ValueError(f"example is {len(p) + len(c)} tokens, over max_length={max_length}: {prompt[:80]!r}")
-    return {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
-
-
-def collate_right_padded(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenised pairs to the longest one."""
-    n = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)  # [B, L]
-    labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)  # [B, L]
-    mask = torch.zeros((len(batch), n), dtype=torch.long)  # [B, L]
-    for i, b in enumerate(batch):
-        k = len(b["input_ids"])
-        ids[i, :k] = torch.tensor(b["input_ids"])
-        labels[i, :k] = torch.tensor(b["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 @dataclass

@@ -137,13 +137,13 @@ def check_grpo_inputs(model: Any, datamodule: Any) -> None:
     datamodule.setup("fit")  # loads and validates the world (idempotent)
     from transformers import AutoConfig
 
-    from rerule_lightning.policy import _check_local, load_tokenizer
+    from rerule_lightning.policy import check_local_path, load_tokenizer
 
     cfg = model.policy_cfg
     if not isinstance(cfg.name_or_path, str) or not cfg.name_or_path.strip():
         raise ValueError(f"--model.init_args.policy.name_or_path is {cfg.name_or_path!r}: set the model to train "
                          "(a local directory or a hub id)")
-    _check_local(cfg.name_or_path, "policy.name_or_path")
+    check_local_path(cfg.name_or_path, "policy.name_or_path")
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):  # e.g. an adapter-only directory: loading the policy will say what is wrong

@@ -33,7 +33,7 @@ def evaluated(tiny_prepared: dict, tmp_path_factory: pytest.TempPathFactory) -> 
     dm = ForgetRetainDataModule(world_dir=links["world"], eval_splits=list(EVAL_SPLITS))
     dm.setup("test")
     cache = str(tmp_path_factory.mktemp("eval") / "reference.json")
-    ref = compute_reference(links["retain"], links["world"], cache, eval_splits=dm.eval_splits)
+    ref = compute_reference(links["retain"], dm.reference_items(), cache)
     out = {"dm": dm, "ref": ref, "cache": cache}
     for name in ("target", "retain"):
         model, tok = _load(links[name])
@@ -94,8 +94,7 @@ def test_reference_is_cached(evaluated: dict, tiny_prepared: dict, monkeypatch: 
 
     monkeypatch.setattr(policy, "load_base_model", fail)
     links = tiny_prepared["links"]
-    again = compute_reference(links["retain"], links["world"], evaluated["cache"],
-                              eval_splits=evaluated["dm"].eval_splits)
+    again = compute_reference(links["retain"], evaluated["dm"].reference_items(), evaluated["cache"])
     assert again == evaluated["ref"]
     assert len(again["forget_truth_ratios"]) == len(evaluated["dm"].eval_items["forget"])
 

@@ -173,7 +173,7 @@ def test_rule_fit_logs_to_a_real_mlflow_server(mlflow_server: str, tiny_prepared
     assert "config.yaml" in artifacts, artifacts
     local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     config = yaml.safe_load(Path(local).read_text())
-    assert config["model"]["class_path"] == "rerule_lightning.grpo_module.GRPOUnlearningModule"
+    assert config["model"]["class_path"] == "rerule_lightning.GRPOUnlearningModule"  # the short path the YAML uses
     assert config["model"]["init_args"]["num_generations"] == 4
     assert config["trainer"]["max_steps"] == 3
     assert config["trainer"]["logger"]["init_args"]["tracking_uri"] == mlflow_server

@@ -31,6 +31,7 @@ import lightning as L
 from lightning.pytorch.utilities.parsing import save_hyperparameters
 
 from datamodules.forget_retain import PROMPT_COLUMNS, BalancedPromptBatches, PromptPoolLoaders
+from rerule_lightning.eval_report import ReferenceItems
 from rerule_lightning.eval_suite import EvalSuite
 from rerule_lightning.prompting import format_prompt
 
@@ -224,6 +225,15 @@ class BenchmarkDataModule(PromptPoolLoaders, L.LightningDataModule):
     def _render_row(self, row: dict) -> dict:
         prompt = row.get("prompt")
         return {**row, "prompt": prompt if isinstance(prompt, str) else self.render(row["question"])}
+
+    def reference_items(self, eval_splits: list[str] | None = None) -> ReferenceItems:
+        """The retain reference's items: this datamodule's own rows of its suite's forget-quality split and MIA
+        splits (``eval_splits`` is ignored: the datamodule already chose and subsampled them; after
+        :meth:`setup`). Prompts are rendered already."""
+        suite = self.eval_suite
+        names = [n for n in dict.fromkeys([suite.forget_quality_split, *(suite.mia or ())]) if n]
+        return ReferenceItems(suite, {n: self.eval_items[n] for n in names}, self.data_signature(), rendered=True,
+                              data_id={"data_signature": self.data_signature(), "source": self.source})
 
     def data_signature(self) -> str:
         """Hash of the evaluated items (ids, prompts, answers, options) and the suite: the retain-reference

@@ -17,8 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.benchmarks.base import BenchmarkDataModule, normalise_question, probe_index
-from rerule_lightning.prompting import format_answer
-from rerule_lightning.sft import collate_right_padded, tokenize_pair
+from rerule_lightning.prompting import collate_right_padded, format_answer, tokenize_pair
 
 
 def select_pairs(refusals: list[dict], anchors: list[dict], refusal_fraction: float, retain_anchor_ratio: float,

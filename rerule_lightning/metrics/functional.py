@@ -12,16 +12,15 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from rerule_lightning.answers import RefusalFn, answer_correct, is_refusal
 from rerule_lightning.rouge import rouge_l
-
-RefusalFn = Callable[[str], bool]
 
 #: The nine components of TOFU's model utility (harmonic mean), in open-unlearning's order.
 TOFU_MODEL_UTILITY_KEYS: tuple[str, ...] = (
@@ -32,11 +31,7 @@ TOFU_MODEL_UTILITY_KEYS: tuple[str, ...] = (
 
 
 def _resolve_refusal_fn(refusal_fn: RefusalFn | None) -> RefusalFn:
-    if refusal_fn is not None:
-        return refusal_fn
-    from rerule_lightning.rewards import is_refusal  # lazy: rewards is an independent module
-
-    return is_refusal
+    return refusal_fn if refusal_fn is not None else is_refusal
 
 
 def _check_same_length(a: Sequence, b: Sequence, names: str) -> None:
@@ -69,7 +64,7 @@ def _numpy_1d(x: Tensor | Sequence[float], name: str) -> np.ndarray:
 
 
 def refusal_flags(predictions: Sequence[str], refusal_fn: RefusalFn | None = None) -> list[bool]:
-    """Per-item refusal flags (``rerule_lightning.rewards.is_refusal`` unless ``refusal_fn`` is given)."""
+    """Per-item refusal flags (``rerule_lightning.answers.is_refusal`` unless ``refusal_fn`` is given)."""
     fn = _resolve_refusal_fn(refusal_fn)
     return [bool(fn(p)) for p in predictions]
 
@@ -77,23 +72,6 @@ def refusal_flags(predictions: Sequence[str], refusal_fn: RefusalFn | None = Non
 def refusal_rate(predictions: Sequence[str], refusal_fn: RefusalFn | None = None) -> float:
     """Fraction of ``predictions`` that are refusals (``nan`` for an empty list)."""
     return _mean([float(f) for f in refusal_flags(predictions, refusal_fn)])
-
-
-def _norm_for_match(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().casefold()
-
-
-def answer_correct(prediction: str, answer_value: str, refusal_fn: RefusalFn | None = None) -> bool:
-    """Whether ``prediction`` states the reference fact and is not a refusal.
-
-    The fact counts as stated when ``answer_value`` occurs in ``prediction`` as a substring after both are
-    case-folded and have whitespace runs collapsed to single spaces. An empty (or whitespace-only)
-    ``answer_value`` is never matched.
-    """
-    value = _norm_for_match(answer_value)
-    if not value or value not in _norm_for_match(prediction):
-        return False
-    return not _resolve_refusal_fn(refusal_fn)(prediction)
 
 
 def answer_correct_flags(predictions: Sequence[str], values: Sequence[str],

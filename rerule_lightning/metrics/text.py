@@ -18,7 +18,7 @@ class RefusalRate(MeanOfItems):
     """Fraction of completions that are refusals (twin of :func:`functional.refusal_rate`).
 
     Args:
-        refusal_fn: Refusal detector; defaults to ``rerule_lightning.rewards.is_refusal``.
+        refusal_fn: Refusal detector; defaults to ``rerule_lightning.answers.is_refusal``.
         **kwargs: Passed to ``torchmetrics.Metric``.
     """
 
@@ -39,7 +39,7 @@ class AnswerAccuracy(MeanOfItems):
     (twin of :func:`functional.answer_accuracy`).
 
     Args:
-        refusal_fn: Refusal detector; defaults to ``rerule_lightning.rewards.is_refusal``.
+        refusal_fn: Refusal detector; defaults to ``rerule_lightning.answers.is_refusal``.
         **kwargs: Passed to ``torchmetrics.Metric``.
     """
 
