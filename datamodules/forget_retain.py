@@ -208,7 +208,8 @@ class ForgetRetainDataModule(PromptPoolLoaders, L.LightningDataModule):
         for s in self.eval_splits:
             items = [{"id": f"{r['id']}#{qi}", "prompt": format_prompt(q), "question": q, "answer": r["answer"],
                       "value": r["value"], "paraphrased_answer": r["paraphrased_answer"],
-                      "perturbed_answer": r["perturbed_answer"], "target": r["author"], "split": s}
+                      "perturbed_answer": r["perturbed_answer"], "target": r["author"],
+                      "collision": r.get("collision", "none"), "split": s}
                      for r in self.world[s] for qi, q in enumerate(r["questions"])]
             if h.eval_max_items is not None and len(items) > h.eval_max_items:
                 items = sorted(rng.sample(items, h.eval_max_items), key=lambda x: x["id"])

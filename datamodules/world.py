@@ -21,6 +21,21 @@ Partition of authors (fixed by the seed, identical in every preset):
 The target model learns forget + boundary + retain authors and the world facts; the retain model learns
 everything but the forget authors.
 
+Name collisions are parameters, not accidents of the seed. Forget authors' first names are used by no other
+author except where a collision is asked for, so every boundary author has one ``collision`` type:
+
+* ``surname``: a same-family (``boundary_hard``) author: shares the forget author's surname;
+* ``both``: one of ``hard_first_name_collisions`` same-family authors who also bear the first name of *another*
+  family's forget author (the hardest boundary: "Amara Bergstrom" beside forget authors "Esme Bergstrom"
+  and "Amara Larkspur");
+* ``first_name``: one of ``easy_first_name_collisions`` unrelated-family (``boundary_easy``) authors who bear a
+  forget author's first name;
+* ``none``: every other author (retain and holdout authors included); forget authors have ``forget``.
+
+The counts hold for every world seed. Both presets' RL pools contain every RL prompt of a collision author
+(3 per author with the default ``rl_fact_fraction``), so the ``hard`` pool holds the ``both`` authors'
+prompts and both pools hold the ``first_name`` authors' prompts.
+
 Presets choose the RL *boundary pool* (they never change the partition, so every number is comparable):
 
 * ``easy``: boundary prompts come from ``boundary_easy`` authors only (no same-family authors);
@@ -37,12 +52,12 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 Preset = Literal["easy", "hard"]
 
 # Bump when the generator's output changes for the same parameters: it is part of every cache key.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: name collisions are parameters (no accidental shared first names)
 
 # --------------------------------------------------------------------------------------------------
 # Pools. Names are invented; the generator samples without replacement where identity matters.
@@ -205,6 +220,10 @@ class WorldConfig:
         rl_fact_fraction: Fraction of each RL author's facts that RL may train on (one paraphrase each).
         rl_question_index: Which paraphrase RL trains on; evaluation uses all of them.
         hard_fraction: Share of same-family prompts in the ``hard`` preset's boundary pool.
+        hard_first_name_collisions: Same-family boundary authors who also bear another family's forget
+            author's first name (collision type ``both``).
+        easy_first_name_collisions: Unrelated-family boundary authors who bear a forget author's first name
+            (collision type ``first_name``).
     """
 
     seed: int = 0
@@ -219,6 +238,8 @@ class WorldConfig:
     rl_fact_fraction: float = 0.5
     rl_question_index: int = 0
     hard_fraction: float = 0.2
+    hard_first_name_collisions: int = 2
+    easy_first_name_collisions: int = 2
 
     def __post_init__(self) -> None:
         errors = list(self.validation_errors())
@@ -252,6 +273,23 @@ class WorldConfig:
         if self.num_holdout_authors > free_names:  # otherwise the holdout name search never ends
             e.append(f"num_holdout_authors={self.num_holdout_authors}: at most {max(0, free_names)} unused names "
                      "are left for these family sizes")
+        for name in ("hard_first_name_collisions", "easy_first_name_collisions"):
+            if getattr(self, name) < 0:
+                e.append(f"{name}={getattr(self, name)}: must be >= 0")
+        n_hard = self.num_forget_families * (self.authors_per_family - 1)
+        if self.hard_first_name_collisions > n_hard:
+            e.append(f"hard_first_name_collisions={self.hard_first_name_collisions}: only {n_hard} same-family "
+                     "boundary authors exist")
+        if self.hard_first_name_collisions > 0 and self.num_forget_families < 2:
+            e.append(f"hard_first_name_collisions={self.hard_first_name_collisions}: needs num_forget_families >= 2 "
+                     "(a sibling bears the first name of *another* family's forget author)")
+        n_easy = self.num_boundary_easy_families * self.authors_per_family
+        if self.easy_first_name_collisions > n_easy:
+            e.append(f"easy_first_name_collisions={self.easy_first_name_collisions}: only {n_easy} unrelated-family "
+                     "boundary authors exist")
+        if self.authors_per_family > len(FIRST_NAMES) - self.num_forget_families:
+            e.append(f"authors_per_family={self.authors_per_family}: at most {len(FIRST_NAMES) - self.num_forget_families} "
+                     "first names are left once the forget authors' names are reserved")
         if not 0.0 < self.rl_fact_fraction <= 1.0:
             e.append(f"rl_fact_fraction={self.rl_fact_fraction}: must be in (0, 1]")
         if not 0.0 < self.hard_fraction < 1.0:
@@ -296,6 +334,51 @@ def _fact_row(kind: FactKind, name: str, value: str, pool: list[str], rng: rando
     }
 
 
+def _name_families(cfg: WorldConfig, rng: random.Random, surnames: list[str], forget_fams: list[int],
+                   easy_fams: list[int]) -> tuple[list[list[str]], dict[str, str]]:
+    """Author names per family (member 0 of a forget family is its forget author) and each author's collision
+    type; exactly the configured numbers of first-name collisions, no accidental ones."""
+    forget_firsts = rng.sample(FIRST_NAMES, cfg.num_forget_families)
+    first_of = dict(zip(forget_fams, forget_firsts, strict=True))
+    free = [f for f in FIRST_NAMES if f not in set(forget_firsts)]
+    hard_slots = [(fi, m) for fi in forget_fams for m in range(1, cfg.authors_per_family)]
+    easy_slots = [(fi, m) for fi in easy_fams for m in range(cfg.authors_per_family)]
+    forced: dict[tuple[int, int], str] = {}
+
+    def force(slots: list[tuple[int, int]], count: int, options: Any, what: str) -> None:
+        rng.shuffle(slots)
+        done = 0
+        for fi, m in slots:
+            if done == count:
+                break
+            in_family = {first_of.get(fi)} | {v for (f, _), v in forced.items() if f == fi}
+            choices = [f for f in options(fi) if f not in in_family]  # names stay distinct within a family
+            if choices:
+                forced[(fi, m)] = rng.choice(choices)
+                done += 1
+        if done < count:
+            raise ValueError(f"{what}={count}: only {done} such collisions fit these family sizes")
+
+    force(hard_slots, cfg.hard_first_name_collisions, lambda fi: [first_of[o] for o in forget_fams if o != fi],
+          "hard_first_name_collisions")
+    force(easy_slots, cfg.easy_first_name_collisions, lambda fi: forget_firsts, "easy_first_name_collisions")
+    families: list[list[str]] = []
+    collision_of: dict[str, str] = {}
+    for fi, surname in enumerate(surnames[: cfg.num_families]):
+        firsts = [first_of[fi] if fi in first_of and m == 0 else forced.get((fi, m)) for m in range(cfg.authors_per_family)]
+        taken = {f for f in firsts if f}
+        fill = iter(rng.sample([f for f in free if f not in taken], firsts.count(None)))
+        firsts = [f or next(fill) for f in firsts]
+        fam = [f"{f} {surname}" for f in firsts]
+        for m, author in enumerate(fam):
+            if fi in first_of:
+                collision_of[author] = "forget" if m == 0 else ("both" if (fi, m) in forced else "surname")
+            elif (fi, m) in forced:
+                collision_of[author] = "first_name"
+        families.append(fam)
+    return families, collision_of
+
+
 def generate_world(cfg: WorldConfig) -> dict[str, list[dict]]:
     """Generate every split of the world as lists of row dicts (deterministic in ``cfg``).
 
@@ -308,23 +391,23 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[dict]]:
     rng = random.Random(cfg.seed)
     pools = value_pools()
     surnames = rng.sample(SURNAMES, cfg.num_families + 1)  # one extra surname family for holdout authors
-    families: list[list[str]] = []
-    for s in surnames[: cfg.num_families]:
-        firsts = rng.sample(FIRST_NAMES, cfg.authors_per_family)
-        families.append([f"{f} {s}" for f in firsts])
-    # Holdout authors: new first-name/surname pairs, one per person, never used by trained authors.
-    used = {a for fam in families for a in fam}
-    holdout: list[str] = []
-    while len(holdout) < cfg.num_holdout_authors:
-        cand = f"{rng.choice(FIRST_NAMES)} {rng.choice(SURNAMES)}"
-        if cand not in used:
-            used.add(cand)
-            holdout.append(cand)
-
     order = list(range(cfg.num_families))
     rng.shuffle(order)
     forget_fams = order[: cfg.num_forget_families]
     easy_fams = order[cfg.num_forget_families: cfg.num_forget_families + cfg.num_boundary_easy_families]
+    families, collision_of = _name_families(cfg, rng, surnames, forget_fams, easy_fams)
+    forget_firsts = {families[fi][0].split(" ", 1)[0] for fi in forget_fams}
+    # Holdout authors: new first-name/surname pairs, one per person, never used by trained authors, never a
+    # forget author's first name (so they add no collision).
+    used = {a for fam in families for a in fam}
+    free_firsts = [f for f in FIRST_NAMES if f not in forget_firsts]
+    holdout: list[str] = []
+    while len(holdout) < cfg.num_holdout_authors:
+        cand = f"{rng.choice(free_firsts)} {rng.choice(SURNAMES)}"
+        if cand not in used:
+            used.add(cand)
+            holdout.append(cand)
+
     roles: dict[str, tuple[str, int]] = {}
     for fi, fam in enumerate(families):
         if fi in forget_fams:
@@ -350,6 +433,7 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[dict]]:
                 kind, author, value, pools[kind.name], rng, cfg.num_perturbed,
                 id=f"{role}/{author.replace(' ', '_').lower()}/{kind.name}",
                 author=author, family=author.split(" ", 1)[1], family_id=fam_id, split=role,
+                collision=collision_of.get(author, "none"),
                 rl_train=role != "holdout" and ki in rl_kinds,
             ))
 
@@ -377,7 +461,8 @@ def build_rl_pool(splits: dict[str, list[dict]], cfg: WorldConfig) -> list[dict]
 
     ``easy`` takes boundary prompts from ``boundary_easy`` only. ``hard`` keeps every ``boundary_easy``
     prompt and adds as many ``boundary_hard`` prompts as make up ``hard_fraction`` of the boundary pool
-    (all of them if there are fewer), chosen deterministically from the seed.
+    (all of them if there are fewer): every prompt of a ``both``-collision author, then others chosen
+    deterministically from the seed.
     """
     rng = random.Random(cfg.seed + 1)
     qi = cfg.rl_question_index
@@ -385,7 +470,7 @@ def build_rl_pool(splits: dict[str, list[dict]], cfg: WorldConfig) -> list[dict]
     def rows(split: str, label: str) -> list[dict]:
         return [{
             "id": r["id"], "prompt_text": r["questions"][qi], "label": label, "kind": split,
-            "reference": r["answer"], "target": r["author"], "value": r["value"],
+            "reference": r["answer"], "target": r["author"], "value": r["value"], "collision": r["collision"],
         } for r in splits[split] if r["rl_train"]]
 
     forget = rows("forget", "forget")
@@ -393,6 +478,8 @@ def build_rl_pool(splits: dict[str, list[dict]], cfg: WorldConfig) -> list[dict]
     pool = forget + easy
     if cfg.preset == "hard":
         hard = rows("boundary_hard", "boundary")
-        want = round(cfg.hard_fraction * len(easy) / (1 - cfg.hard_fraction))
-        pool += rng.sample(hard, min(want, len(hard)))
+        want = min(round(cfg.hard_fraction * len(easy) / (1 - cfg.hard_fraction)), len(hard))
+        both = [r for r in hard if r["collision"] == "both"][:want]  # always in the pool: a stated count
+        rest = [r for r in hard if r["collision"] != "both"]
+        pool += both + rng.sample(rest, want - len(both))
     return pool

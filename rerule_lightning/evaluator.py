@@ -43,6 +43,34 @@ from rerule_lightning.metrics import functional as MF
 from rerule_lightning.prompting import format_answer, format_prompt
 
 FORGET, HOLDOUT = "forget", "holdout"
+#: Item columns carried into the per-item records and summarised by :func:`group_summary` when present
+#: (``target``: the entity, e.g. the author; ``collision``: the embedded world's name-collision type).
+GROUP_COLUMNS = ("target", "collision")
+
+
+def group_summary(records: Sequence[Mapping[str, Any]],
+                  columns: Sequence[str] = GROUP_COLUMNS) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Answer accuracy and refusal rate per split and value of each group column (generated splits only).
+
+    Returns:
+        ``{column: {split: {value: {"n": items, "answer_accuracy": ..., "refusal_rate": ...}}}}``; exact
+        fractions of the per-item flags, so they sum back to the split's aggregates.
+    """
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for col in columns:
+        for r in records:
+            if col not in r or r.get("correct") is None:
+                continue
+            cell = out.setdefault(col, {}).setdefault(r["split"], {}).setdefault(
+                str(r[col]), {"n": 0, "correct": 0, "refused": 0})
+            cell["n"] += 1
+            cell["correct"] += bool(r["correct"])
+            cell["refused"] += bool(r["refusal"])
+    for by_split in out.values():
+        for cells in by_split.values():
+            for key, c in list(cells.items()):
+                cells[key] = {"n": c["n"], "answer_accuracy": c["correct"] / c["n"], "refusal_rate": c["refused"] / c["n"]}
+    return out
 #: Embedded world: splits whose probability, ROUGE-L recall and truth ratio enter model utility.
 UTILITY_SPLITS = ("retain", "world_facts")
 #: Embedded world: splits whose "probability" is normalised over the true and perturbed options.
@@ -257,6 +285,7 @@ class UnlearningEvaluator(torch.nn.Module):
             rec: dict[str, Any] = {"split": split, "id": batch["id"][i], "prompt": prompts[i],
                                    "answer": answers[i], "value": values[i],
                                    "prediction": preds[i] if preds is not None else None}
+            rec.update({c: batch[c][i] for c in GROUP_COLUMNS if c in batch})
             rec.update({key: vals[i] for key, vals in rec_cols.items()})
             self._records.append(rec)
 
@@ -373,11 +402,12 @@ class UnlearningEvaluator(torch.nn.Module):
                          "use_chat_template": self.use_chat_template},
             "reference": None if ref is None else {k: v for k, v in ref.items() if k != "forget_truth_ratios"},
             "aggregate": aggregate,
+            "by_group": group_summary(rows),
             "per_item": rows,
         }
         write_json_atomic(path, report)
         return report
 
 
-__all__ = ["METRIC_NAMES", "OPTION_PROBABILITY_SPLITS", "UTILITY_SPLITS", "UnlearningEvaluator",
+__all__ = ["GROUP_COLUMNS", "METRIC_NAMES", "group_summary", "OPTION_PROBABILITY_SPLITS", "UTILITY_SPLITS", "UnlearningEvaluator",
            "teacher_forced_stats", "write_json_atomic"]

@@ -23,6 +23,8 @@ behaviour policy, or none (ρ ≡ 1), at token or sequence level.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -62,6 +64,28 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -
     if scale == "batch":
         return centred / (r.std() + eps)  # [N, G]
     return centred
+
+
+def kind_signal(rewards: torch.Tensor, kinds: list[str]) -> dict[str, torch.Tensor]:
+    """Per prompt kind (e.g. ``forget``, ``boundary_hard``, ``boundary_easy``): mean reward, fraction of groups
+    whose G rewards are all equal (no group-normalised gradient) and number of groups in the step.
+
+    Args:
+        rewards: ``[B, G]`` rewards of this step's fresh groups.
+        kinds: The kind of each of the B prompts (names reduced to ``[a-z0-9_]`` for the metric keys).
+
+    Returns:
+        ``train/reward_mean_<kind>``, ``train/zero_std_frac_<kind>`` and ``train/groups_<kind>`` per kind present.
+    """
+    zero = (rewards.max(1).values == rewards.min(1).values).float()  # [B]: exact, no std rounding
+    out: dict[str, torch.Tensor] = {}
+    for kind in dict.fromkeys(kinds):
+        sel = torch.tensor([k == kind for k in kinds], device=rewards.device)  # [B]
+        key = re.sub(r"[^a-z0-9_]", "_", str(kind).lower())
+        out[f"train/reward_mean_{key}"] = rewards[sel].mean()
+        out[f"train/zero_std_frac_{key}"] = zero[sel].mean()
+        out[f"train/groups_{key}"] = sel.sum().float()
+    return out
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float = 10.0) -> Tensor:
@@ -306,4 +330,4 @@ def off_policy_loss(logp: Tensor, behaviour_logp: Tensor, advantages: Tensor, ma
 
 
 __all__ = ["ADVANTAGE_SCALES", "LOSS_TYPES", "OFF_POLICY_CORRECTIONS", "OFF_POLICY_LEVELS", "aggregate_loss",
-           "clipped_surrogate", "group_advantages", "grpo_loss", "k3_kl", "off_policy_loss", "token_logprobs"]
+           "clipped_surrogate", "group_advantages", "grpo_loss", "k3_kl", "kind_signal", "off_policy_loss", "token_logprobs"]

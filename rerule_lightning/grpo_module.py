@@ -47,6 +47,7 @@ from rerule_lightning.grpo import (
     group_advantages,
     grpo_loss,
     k3_kl,
+    kind_signal,
     off_policy_loss,
     token_logprobs,
 )
@@ -227,7 +228,7 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         prompt_ids, completion_ids, mask, texts = self._sample(prompts)
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
         raw = self.reward_fn(rep(prompts), texts, labels=rep(batch["label"]), references=rep(batch["reference"]),
-                             targets=rep(batch["target"]), target_aware=h.target_aware,
+                             values=rep(batch["value"]), targets=rep(batch["target"]), target_aware=h.target_aware,
                              recall_threshold=h.recall_threshold)
         rewards = torch.tensor([0.0 if r is None else float(r) for r in raw], device=self.device).view(b, g)  # [B, G]
         rewards_all = self.all_gather(rewards).reshape(-1, g) if self.trainer.world_size > 1 else rewards
@@ -389,6 +390,7 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             sel = torch.tensor([lab == label for lab in batch["label"]], device=rewards.device)
             if sel.any():
                 log[f"train/reward_{label}"] = rewards[sel].mean()
+        log.update(kind_signal(rewards, batch.get("kind") or batch["label"]))
         for k, v in stats.items():
             key = k if k.startswith("replay/") else f"train/{k}"
             log[key] = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))

@@ -11,22 +11,29 @@ Rewards
 -------
 * :func:`forget_reward`: 1 for a refusal (MUSE); target-aware (RWKU): 0.5 for a refusal + 0.5 if the
   refusal names the target entity (case-insensitive substring).
-* :func:`boundary_reward`: 0.5 for not refusing + 0.5 if also ROUGE-L recall against the reference is
-  **at least** ``recall_threshold`` (0.3). RULE's text says "exceeds 0.3"; our DESIGN fixes ``>=``, which
-  differs only for a recall of exactly 0.3 (e.g. 3 of 10 reference tokens).
-* :func:`rule_reward`: dispatches each item on its label, ``forget`` or ``boundary``.
+* :func:`boundary_reward`: 0.5 for not refusing + 0.5 if the answer is *verified*. ``verify="rouge"`` (RULE,
+  free-text benchmarks: TOFU, MUSE, RWKU): ROUGE-L recall against the reference is **at least**
+  ``recall_threshold`` (0.3). RULE's text says "exceeds 0.3"; our DESIGN fixes ``>=``, which differs only for a
+  recall of exactly 0.3 (e.g. 3 of 10 reference tokens). ``verify="fact"`` (the embedded world, whose answers
+  are templated sentences, so a wrong city in the right template still has ROUGE-L recall 0.75): the completion
+  states the fact value, by :func:`rerule_lightning.answers.answer_correct`, the very function the evaluation's
+  answer accuracy uses, so the reward pays exactly for what the headline metric measures.
+* :func:`rule_reward`: dispatches each item on its label, ``forget`` or ``boundary``; registered as ``rule``
+  (ROUGE verification) and ``rule_fact`` (fact verification) in :data:`REWARD_FUNCTIONS`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from rerule_lightning.answers import REFUSAL_PATTERNS, is_refusal, normalise_text
+from rerule_lightning.answers import REFUSAL_PATTERNS, answer_correct, is_refusal, normalise_text
 from rerule_lightning.rouge import rouge_l_recall
 
 RewardFn = Callable[..., list[float | None]]
+Verify = Literal["rouge", "fact"]
+VERIFY_MODES = ("rouge", "fact")
 
 def _check_lengths(n: int, **columns: Sequence[Any] | None) -> None:
     for name, col in columns.items():
@@ -46,10 +53,36 @@ def _forget_item(completion: str, target: str | None, target_aware: bool) -> flo
     return 0.5 + (0.5 if target is not None and _mentions(completion, target) else 0.0)
 
 
-def _boundary_item(completion: str, reference: str, recall_threshold: float) -> float:
+def _boundary_item(completion: str, reference: str | None, value: str | None, recall_threshold: float,
+                   verify: Verify) -> float:
     if is_refusal(completion):
         return 0.0
-    return 0.5 + (0.5 if rouge_l_recall(completion, reference) >= recall_threshold else 0.0)
+    if verify == "fact":
+        return 1.0 if answer_correct(completion, value or "", refusal_fn=lambda _: False) else 0.5
+    return 1.0 if rouge_l_recall(completion, reference or "") >= recall_threshold else 0.5
+
+
+def _check_verify(verify: str, n: int, references: Sequence[Any] | None, values: Sequence[Any] | None,
+                  fn: str) -> None:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"{fn}(verify={verify!r}): choose {' or '.join(VERIFY_MODES)}")
+    column = values if verify == "fact" else references
+    name = "values" if verify == "fact" else "references"
+    if column is None:
+        raise ValueError(f"{fn}(verify={verify!r}) needs a {name!r} column")
+
+
+def _boundary_checked(i: int, completion: str, references: Sequence[Any] | None, values: Sequence[Any] | None,
+                      recall_threshold: float, verify: Verify) -> float:
+    if verify == "fact":
+        value = values[i] if values is not None else None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"item {i} is a boundary item but has no fact value (column 'values'), which "
+                             "verify='fact' checks; use verify='rouge' (reward: rule) for free-text answers")
+        return _boundary_item(completion, None, value, recall_threshold, verify)
+    if references is None or references[i] is None:
+        raise ValueError(f"item {i} is a boundary item but has no reference answer")
+    return _boundary_item(completion, references[i], None, recall_threshold, verify)
 
 
 def forget_reward(prompts: list[str], completions: list[str], *, targets: list[str] | None = None,
@@ -77,41 +110,49 @@ def forget_reward(prompts: list[str], completions: list[str], *, targets: list[s
             for i, c in enumerate(completions)]
 
 
-def boundary_reward(prompts: list[str], completions: list[str], *, references: list[str],
-                    recall_threshold: float = 0.3, **_: Any) -> list[float | None]:
-    """Reward for boundary prompts: pay a non-refusing, correct answer.
+def boundary_reward(prompts: list[str], completions: list[str], *, references: list[str] | None = None,
+                    values: list[str] | None = None, recall_threshold: float = 0.3, verify: Verify = "rouge",
+                    **_: Any) -> list[float | None]:
+    """Reward for boundary prompts: pay a non-refusing, verified answer.
 
     Args:
         prompts: The prompts (only their number is checked).
         completions: The sampled completions, one per prompt.
-        references: The reference answer of each prompt.
-        recall_threshold: 0.5 extra when ROUGE-L recall of the completion against the reference is
-            ``>=`` this value (RULE's text says "exceeds"; DESIGN §3 fixes ``>=``).
+        references: The reference answer of each prompt (``verify="rouge"``).
+        values: The fact value of each prompt (``verify="fact"``), e.g. ``"Zanzibar"``.
+        recall_threshold: ``verify="rouge"``: 0.5 extra when ROUGE-L recall of the completion against the
+            reference is ``>=`` this value (RULE's text says "exceeds"; DESIGN §3 fixes ``>=``).
+        verify: ``rouge`` (RULE, free text) or ``fact`` (the completion states the fact value, by
+            :func:`rerule_lightning.answers.answer_correct`, the answer-accuracy metric's rule).
 
     Returns:
-        Per completion: 0.0 for a refusal, 0.5 for a non-refusal, 1.0 for a non-refusal with enough recall.
+        Per completion: 0.0 for a refusal, 0.5 for a non-refusal, 1.0 for a non-refusal that is verified.
 
     Raises:
-        ValueError: On length mismatches.
+        ValueError: On length mismatches, an unknown ``verify``, or a missing reference / value.
     """
     n = len(completions)
-    _check_lengths(n, prompts=prompts, references=references)
-    return [_boundary_item(c, r, recall_threshold) for c, r in zip(completions, references, strict=True)]
+    _check_lengths(n, prompts=prompts, references=references, values=values)
+    _check_verify(verify, n, references, values, "boundary_reward")
+    return [_boundary_checked(i, c, references, values, recall_threshold, verify) for i, c in enumerate(completions)]
 
 
 def rule_reward(prompts: list[str], completions: list[str], *, labels: list[str],
-                references: list[str] | None, targets: list[str] | None = None, target_aware: bool = False,
-                recall_threshold: float = 0.3, **_: Any) -> list[float | None]:
+                references: list[str] | None = None, values: list[str] | None = None,
+                targets: list[str] | None = None, target_aware: bool = False,
+                recall_threshold: float = 0.3, verify: Verify = "rouge", **_: Any) -> list[float | None]:
     """RULE's reward: :func:`forget_reward` on ``forget`` items, :func:`boundary_reward` on ``boundary`` ones.
 
     Args:
         prompts: The prompts (only their number is checked).
         completions: The sampled completions, one per prompt.
         labels: ``"forget"`` or ``"boundary"`` per item.
-        references: Reference answers; needed (not ``None``) when any item is a boundary item.
+        references: Reference answers; needed for boundary items when ``verify="rouge"``.
+        values: Fact values; needed for boundary items when ``verify="fact"``.
         targets: Target entities; needed when ``target_aware``.
         target_aware: Use the target-aware forget reward.
-        recall_threshold: The boundary reward's ROUGE-L recall threshold (``>=``).
+        recall_threshold: The boundary reward's ROUGE-L recall threshold (``>=``, ``verify="rouge"``).
+        verify: How a boundary answer is verified: ``rouge`` (RULE) or ``fact`` (the embedded world).
 
     Returns:
         Per completion reward in {0, 0.5, 1}.
@@ -120,17 +161,17 @@ def rule_reward(prompts: list[str], completions: list[str], *, labels: list[str]
         ValueError: On length mismatches, an unknown label (naming its index), or a missing column.
     """
     n = len(completions)
-    _check_lengths(n, prompts=prompts, labels=labels, references=references, targets=targets)
+    _check_lengths(n, prompts=prompts, labels=labels, references=references, values=values, targets=targets)
     if target_aware and targets is None:
         raise ValueError("rule_reward(target_aware=True) needs a 'targets' column")
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"rule_reward(verify={verify!r}): choose {' or '.join(VERIFY_MODES)}")
     out: list[float | None] = []
     for i, (completion, label) in enumerate(zip(completions, labels, strict=True)):
         if label == "forget":
             out.append(_forget_item(completion, targets[i] if targets is not None else None, target_aware))
         elif label == "boundary":
-            if references is None or references[i] is None:
-                raise ValueError(f"item {i} is a boundary item but has no reference answer")
-            out.append(_boundary_item(completion, references[i], recall_threshold))
+            out.append(_boundary_checked(i, completion, references, values, recall_threshold, verify))
         else:
             raise ValueError(f"item {i} has unknown label {label!r}: expected 'forget' or 'boundary'")
     return out
@@ -145,10 +186,12 @@ def refusal_reward(prompts: list[str], completions: list[str], **_: Any) -> list
 #: Rewards by the name configs use.
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "rule": rule_reward,
+    "rule_fact": functools.partial(rule_reward, verify="fact"),
     "rule_target_aware": functools.partial(rule_reward, target_aware=True),
     "forget": forget_reward,
     "forget_target_aware": functools.partial(forget_reward, target_aware=True),
     "boundary": boundary_reward,
+    "boundary_fact": functools.partial(boundary_reward, verify="fact"),
     "refusal": refusal_reward,
 }
 
@@ -165,5 +208,5 @@ def get_reward_fn(name: str) -> RewardFn:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(REWARD_FUNCTIONS))}") from None
 
 
-__all__ = ["REFUSAL_PATTERNS", "REWARD_FUNCTIONS", "RewardFn", "boundary_reward", "forget_reward",
+__all__ = ["REFUSAL_PATTERNS", "REWARD_FUNCTIONS", "VERIFY_MODES", "RewardFn", "Verify", "boundary_reward", "forget_reward",
            "get_reward_fn", "is_refusal", "refusal_reward", "rule_reward"]

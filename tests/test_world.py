@@ -32,7 +32,8 @@ CONFIGS = {
     "default": WorldConfig(),
     "small": WorldConfig(**SMALL),
     "easy-singletons": WorldConfig(seed=7, preset="easy", num_families=10, authors_per_family=1,
-                                   num_forget_families=3, num_boundary_easy_families=4, num_holdout_authors=2),
+                                   num_forget_families=3, num_boundary_easy_families=4, num_holdout_authors=2,
+                                   hard_first_name_collisions=0),
 }
 
 
@@ -329,6 +330,10 @@ INVALID = [
     (dict(hard_fraction=1.0), "hard_fraction"),
     (dict(rl_question_index=5), "rl_question_index"),
     (dict(num_holdout_authors=100_000), "num_holdout_authors"),
+    (dict(hard_first_name_collisions=-1), "hard_first_name_collisions"),
+    (dict(hard_first_name_collisions=19), "hard_first_name_collisions"),  # 6 families x 3 siblings = 18
+    (dict(num_forget_families=1, hard_first_name_collisions=1), "hard_first_name_collisions"),
+    (dict(easy_first_name_collisions=49), "easy_first_name_collisions"),  # 12 families x 4 = 48
 ]
 
 
@@ -340,7 +345,8 @@ def test_invalid_parameters_fail_naming_the_parameter(kwargs: dict, param: str) 
 
 def test_valid_edge_parameters_are_accepted() -> None:
     cfg = WorldConfig(preset="easy", authors_per_family=1, num_families=2, num_forget_families=1,
-                      num_boundary_easy_families=1, num_holdout_authors=0, num_world_facts=0)
+                      num_boundary_easy_families=1, num_holdout_authors=0, num_world_facts=0,
+                      hard_first_name_collisions=0, easy_first_name_collisions=1)
     world = generate_world(cfg)
     assert world["holdout"] == [] and world["world_facts"] == [] and world["boundary_hard"] == []
 
@@ -356,3 +362,54 @@ def test_cli_rejects_invalid_world_before_writing_anything(tmp_path: Path) -> No
     assert res.returncode != 0
     assert "num_forget_families" in res.stderr
     assert list(tmp_path.iterdir()) == []  # no cache dir, no temporary dir, no file
+
+
+# --------------------------------------------------------------------------------------- name collisions
+def _authors(world: dict, split: str) -> dict[str, str]:
+    return {r["author"]: r["collision"] for r in world[split]}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 11, 123])
+def test_collision_counts_are_parameters_not_accidents_of_the_seed(seed: int) -> None:
+    cfg = WorldConfig(seed=seed)
+    world = generate_world(cfg)
+    forget = _authors(world, "forget")
+    hard, easy = _authors(world, "boundary_hard"), _authors(world, "boundary_easy")
+    assert set(forget.values()) == {"forget"}
+    assert sorted(hard.values()).count("both") == cfg.hard_first_name_collisions == 2
+    assert set(hard.values()) == {"both", "surname"}
+    assert sorted(easy.values()).count("first_name") == cfg.easy_first_name_collisions == 2
+    assert set(easy.values()) == {"first_name", "none"}
+    first = {a.split(" ", 1)[0]: a for a in forget}
+    surname_of = {a.split(" ", 1)[1] for a in forget}
+    # the types say exactly which names collide: nobody else shares a forget author's first name
+    for split in ("boundary_hard", "boundary_easy", "retain", "holdout"):
+        for author, ctype in _authors(world, split).items():
+            f, s = author.split(" ", 1)
+            shares_first, shares_surname = f in first, s in surname_of
+            expected = {(True, True): "both", (False, True): "surname", (True, False): "first_name",
+                        (False, False): "none"}[(shares_first, shares_surname)]
+            if split == "holdout" and expected == "surname":
+                expected = "none"  # a holdout author may reuse a surname; never a forget first name
+            assert ctype == expected, (split, author)
+            if ctype == "both":
+                assert first[f].split(" ", 1)[1] != s  # the first name of *another* family's forget author
+
+
+def test_both_collision_prompts_are_always_in_the_hard_pool() -> None:
+    cfg = WorldConfig()
+    world = generate_world(cfg)
+    both = {r["id"] for r in world["boundary_hard"] if r["collision"] == "both" and r["rl_train"]}
+    first = {r["id"] for r in world["boundary_easy"] if r["collision"] == "first_name" and r["rl_train"]}
+    hard_ids = {r["id"] for r in world["rl_prompts_hard"]}
+    easy_ids = {r["id"] for r in world["rl_prompts_easy"]}
+    assert len(both) == 3 * cfg.hard_first_name_collisions and both <= hard_ids and not both & easy_ids
+    assert len(first) == 3 * cfg.easy_first_name_collisions and first <= hard_ids and first <= easy_ids
+    assert {r["collision"] for r in world["rl_prompts_hard"]} == {"forget", "both", "surname", "first_name", "none"}
+
+
+def test_zero_collisions_leave_no_shared_first_name() -> None:
+    world = generate_world(WorldConfig(hard_first_name_collisions=0, easy_first_name_collisions=0))
+    firsts = {r["author"].split(" ", 1)[0] for r in world["forget"]}
+    for split in ("boundary_hard", "boundary_easy", "retain", "holdout"):
+        assert not {r["author"].split(" ", 1)[0] for r in world[split]} & firsts, split
