@@ -87,6 +87,21 @@ def _evaluate(model_dir: str, out_dir: str, common: list[str], retain: str) -> t
     return metrics, by_group, _run_id(cli)
 
 
+def check_buffer_used(name: str, seed: int, preset: str, curves: dict[str, list[tuple[int, float]]]) -> None:
+    """A replay variant whose buffer never admitted a group is RULE under another name: fail loudly.
+
+    Raises:
+        RuntimeError: Naming the variant, seed and preset, when a run that logged replay metrics never had a
+            group in its buffer.
+    """
+    sizes = curves.get("replay/buffer_size")
+    if name == "RULE" or sizes is None:
+        return
+    if max((v for _, v in sizes), default=0.0) <= 0:
+        raise RuntimeError(f"variant {name!r} (seed {seed}, preset {preset}): the replay buffer stayed empty for the "
+                           "whole run, so the variant trained exactly as RULE; its admission rule stores nothing here")
+
+
 class Bench:
     """State of one benchmark run: settings, the record file and the finished runs."""
 
@@ -156,6 +171,7 @@ class Bench:
         val_s, train_s = timer.val_s, timer.train_s
         fit_id = _run_id(cli)
         curves = _history(a.tracking_uri, fit_id)
+        check_buffer_used(name, seed, preset, curves)
         final, by_group, eval_id = _evaluate(out, out + "_eval", self.common, os.path.join(self.links, "retain"))
         self._tag({"fit": fit_id, "eval": eval_id}, name, seed, preset)
         self.save({"stage": name, "seed": seed, "preset": preset, "final": final, "by_group": by_group,

@@ -238,7 +238,7 @@ class WorldConfig:
     rl_fact_fraction: float = 0.5
     rl_question_index: int = 0
     hard_fraction: float = 0.2
-    hard_first_name_collisions: int = 2
+    hard_first_name_collisions: int = 6
     easy_first_name_collisions: int = 2
 
     def __post_init__(self) -> None:
