@@ -5,6 +5,10 @@
   (``class_path`` / ``init_args``), with MLflow logging by default (``sqlite:///mlflow.db``; point it at a
   server with ``--trainer.logger.init_args.tracking_uri http://host:port``).
 * ``rerule demo``: the main job on the embedded default (prepare, rejection steering, RULE, evaluation).
+
+This module is the top of the command layer: it dispatches to :mod:`~rerule_lightning.prepare`,
+:mod:`~rerule_lightning.lightning_cli`, :mod:`~rerule_lightning.pipeline` and :mod:`~rerule_lightning.report`,
+and nothing imports it (``rerule_lightning.cli:main`` is the console script).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import os
 import sys
 from typing import Any
+
+# Re-exported from the LightningCLI builder's own module (importing it does not import Lightning).
+from rerule_lightning.lightning_cli import DEFAULT_TRACKING_URI, lightning_main, quiet_libraries  # noqa: F401
 
 USAGE = """usage: rerule {prepare,fit,validate,test,demo,report} [options]
 
@@ -22,105 +29,20 @@ USAGE = """usage: rerule {prepare,fit,validate,test,demo,report} [options]
   demo      the main job on the embedded default: prepare -> rejection steering -> RULE -> evaluation
   report    compare MLflow runs: table (Markdown, CSV) and plots, logged to a report run
 
-Run `rerule COMMAND --help` for the options of one command."""
+Run `rerule COMMAND --help` for the options of one command.
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def quiet_libraries() -> None:
-    """Silence per-call progress bars and tips of datasets / transformers / Lightning (not our own bars)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except Exception:  # pragma: no cover - optional
-        pass
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - optional
-        pass
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|defined a `validation_step`"
-                                              r"|module\(s\) in eval mode|no `validation_step`|LightningCLI.s args parameter).*")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-
-
-def prepare_main(argv: list[str]) -> Any:
-    """``rerule prepare``: jsonargparse over :func:`rerule_lightning.prepare.prepare`."""
-    from jsonargparse import CLI
-
-    from rerule_lightning.prepare import prepare
-    from rerule_lightning.validation import check_config_files
-
-    check_config_files(argv)
-    CLI(prepare, args=argv, as_positional=False)
-    return 0
-
-
-def lightning_main(argv: list[str], run: bool = True) -> Any:
-    """``rerule fit | validate | test``: LightningCLI with MLflow and our config-artifact callback.
-
-    With ``run=False`` the config is parsed and every class instantiated, nothing is run (no weights are
-    loaded: that happens in ``configure_model``). ``argv`` may then still start with a subcommand, whose own
-    options (``ckpt_path``, ``verbose``, ...) are parsed as usual.
-    """
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
-
-    from rerule_lightning.tracking import MLflowSaveConfigCallback
-    from rerule_lightning.validation import check_config_files, preflight, preflight_checkpoint
-
-    check_config_files(argv)
-
-    class ReruleCLI(LightningCLI):
-        """Runs :func:`rerule_lightning.validation.preflight` (tracking server, checkpoint, inputs) first."""
-
-        def _parse_ckpt_path(self) -> None:
-            # Lightning would torch.load the file raw and merge its hyper-parameters into the config; we check
-            # it (weights_only=True, errors naming the file) and keep the given config as the source of truth.
-            preflight_checkpoint(self.config)
-
-        def before_fit(self) -> None:
-            preflight(self, "fit")
-
-        def before_validate(self) -> None:
-            preflight(self, "validate")
-
-        def before_test(self) -> None:
-            preflight(self, "test")
-
-    cli_class = ReruleCLI
-    if not run and argv and argv[0] in ("fit", "validate", "test", "predict"):
-        # LightningCLI(run=False) accepts no subcommand; parse it as run=True would, but skip running it.
-        class InstantiateOnlyCLI(ReruleCLI):
-            def _run_subcommand(self, subcommand: str) -> None:
-                return None
-
-        cli_class, run = InstantiateOnlyCLI, True
-    trainer_defaults = {
-        "logger": {
-            "class_path": "rerule_lightning.tracking.ResilientMLFlowLogger",
-            "init_args": {"experiment_name": "rerule", "tracking_uri": DEFAULT_TRACKING_URI},
-        },
-    }
-    return cli_class(
-        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        trainer_defaults=trainer_defaults, save_config_callback=MLflowSaveConfigCallback,
-        save_config_kwargs={"overwrite": True}, args=argv, run=run, auto_configure_optimizers=False,
-    )
+  --threads N   (prepare, fit, validate, test, demo) torch intra-op threads, pinned so that a run repeats
+                exactly on the same machine; default $RERULE_THREADS, else $OMP_NUM_THREADS, else 2;
+                0 leaves torch's default (one thread per core)"""
 
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``rerule`` console script.
 
-    ``ValueError`` and ``FileNotFoundError`` (what our config, path and input checks raise, before training)
-    are reported as one ``rerule: error: ...`` line with exit status 2 instead of a traceback; set
+    ``ValueError`` and ``FileNotFoundError`` (what our config, path and input checks raise, before training,
+    and jsonargparse's parse and instantiation errors, made one line naming the flag by
+    :func:`rerule_lightning.lightning_cli.one_line_error`) are reported as one ``rerule: error: ...`` line with
+    exit status 2 instead of a traceback; set
     ``RERULE_DEBUG=1`` to see the traceback (also for such an error raised later, during training). A fit
     stopped by the non-finite guard (:class:`rerule_lightning.guards.NonFiniteError`, after training started
     and its last good state was checkpointed) is reported the same way with exit status 1.
@@ -149,6 +71,8 @@ def _dispatch(argv: list[str] | None) -> Any:
     quiet_libraries()
     cmd, rest = argv[0], argv[1:]
     if cmd == "prepare":
+        from rerule_lightning.prepare import prepare_main
+
         return prepare_main(rest)
     if cmd in ("fit", "validate", "test"):
         lightning_main(argv)

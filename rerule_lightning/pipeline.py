@@ -5,6 +5,9 @@ ReRULE (the same plus ``configs/replay/hard_case.yaml``), both from the same rej
 evaluation (``configs/embedded/eval.yaml``) of every model, for each seed,
 then a results table (forget refusal, boundary accuracy by kind, retain accuracy, wall-clock per stage, MLflow
 run ids), also written to ``<output_dir>/results.json`` and ``results.md``.
+
+Every stage runs in this process with the same pinned torch thread count (``--threads``, passed on to each
+stage): the table repeats exactly on the same machine and thread count.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class StageResult:
 
 
 def _run(argv: list[str]) -> tuple[Any, float]:
-    from rerule_lightning.cli import lightning_main
+    from rerule_lightning.lightning_cli import lightning_main
 
     t = time.perf_counter()
     cli = lightning_main(argv)
@@ -61,19 +64,24 @@ def _evaluate(model_dir: str, out_dir: str, common: list[str], retain_dir: str) 
 
 def run_seed(seed: int, output_dir: str, preset: str, rule_steps: int, tracking_uri: str,
              experiment: str, cache_dir: str, overlays: dict[str, list[str]] | None = None,
-             rule_extra: list[str] | None = None, include_rule: bool = True) -> list[StageResult]:
+             rule_extra: list[str] | None = None, include_rule: bool = True,
+             threads: int | None = None) -> list[StageResult]:
     """Rejection steering, then RULE and any overlay variants (each from the same RS model), each evaluated.
 
     Args:
         overlays: Variant name → extra CLI arguments (e.g. ``["--config", "configs/replay/hard_case.yaml"]``).
         rule_extra: Extra CLI arguments of the plain RULE run (the overlays carry their own).
         include_rule: Run the plain RULE baseline (off when another table already has it).
+        threads: ``--threads`` of every stage (default: the CLI's, see
+            :func:`rerule_lightning.lightning_cli.resolve_threads`).
     """
     from rerule_lightning.report import tag_unit
 
     links = os.path.join(cache_dir, "embedded")
     common = ["--trainer.logger.init_args.tracking_uri", tracking_uri,
               "--trainer.logger.init_args.experiment_name", experiment]
+    if threads is not None:
+        common += ["--threads", str(threads)]
     data = ["--data.init_args.world_dir", os.path.join(links, "world")]
     sdir = os.path.join(output_dir, f"seed{seed}")
     rs_dir = os.path.join(sdir, "rs")
@@ -150,7 +158,8 @@ REPLAY_OVERLAYS = {
 def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int = 60,
          replay: list[str] | None = None,
          output_dir: str = "runs/demo", tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "rerule-demo",
-         prepare_config: str = "configs/embedded/prepare.yaml", cache_dir: str = ".cache/rerule") -> list[dict]:
+         prepare_config: str = "configs/embedded/prepare.yaml", cache_dir: str = ".cache/rerule",
+         threads: int | None = None) -> list[dict]:
     """Run the main job and print its results table.
 
     Args:
@@ -165,11 +174,15 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
         experiment: MLflow experiment name.
         prepare_config: Config of ``rerule prepare``.
         cache_dir: Cache of the prepared world and models.
+        threads: torch intra-op threads of prepare and of every stage, pinned so that the table repeats
+            exactly on the same machine; default $RERULE_THREADS, else $OMP_NUM_THREADS, else 2; 0 leaves
+            torch's own default (one thread per core).
     """
     from rich.console import Console
     from rich.table import Table
 
-    from rerule_lightning.cli import main as cli_main
+    from rerule_lightning.lightning_cli import pin_threads
+    from rerule_lightning.prepare import prepare_main
 
     if preset not in ("easy", "hard"):
         raise ValueError(f"--preset={preset!r}: choose 'easy' or 'hard'")
@@ -179,14 +192,15 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
     if unknown:
         raise ValueError(f"--replay: unknown variant(s) {unknown}; choose from {sorted(REPLAY_OVERLAYS)}")
     overlays = {REPLAY_OVERLAYS[r][0]: ["--config", REPLAY_OVERLAYS[r][1]] for r in replay}
+    threads = pin_threads(threads)
     console = Console(width=None if sys.stdout.isatty() else 160)
     t0 = time.perf_counter()
-    cli_main(["prepare", "--config", prepare_config, "--cache_dir", cache_dir])
+    prepare_main(["--config", prepare_config, "--cache_dir", cache_dir, "--threads", str(threads)])
     prep_secs = time.perf_counter() - t0
     results: list[StageResult] = []
     for seed in seeds:
         results += run_seed(seed, output_dir, preset, rule_steps, tracking_uri, experiment, cache_dir,
-                            overlays=overlays)
+                            overlays=overlays, threads=threads)
     rows = summarise(results)
     title = f"rerule demo: embedded '{preset}' preset, " + (f"seed {seeds[0]}" if len(seeds) == 1 else
                                                               f"{len(seeds)} seeds, mean ± std")
@@ -200,8 +214,8 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
     for res in results:
         console.print(f"seed {res.seed} {res.stage}: MLflow runs fit={res.run_ids['fit']} eval={res.run_ids['eval']}")
     total = time.perf_counter() - t0
-    console.print(f"prepare {prep_secs:.0f} s, total {total:.0f} s; MLflow: {tracking_uri} (mlflow ui "
-                  f"--backend-store-uri {tracking_uri})")
+    console.print(f"prepare {prep_secs:.0f} s, total {total:.0f} s, {threads or 'default'} torch threads; "
+                  f"MLflow: {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})")
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump({"rows": rows, "results": [r.__dict__ for r in results], "prepare_seconds": prep_secs,
@@ -212,8 +226,8 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
 
 
 def demo_main(argv: list[str]) -> int:
-    """``rerule demo``: jsonargparse over :func:`demo`."""
-    from jsonargparse import CLI
+    """``rerule demo``: jsonargparse over :func:`demo` (one-line errors)."""
+    from rerule_lightning.lightning_cli import function_main
 
-    CLI(demo, args=argv, as_positional=False)
+    function_main(demo, argv, prog="rerule demo")
     return 0

@@ -231,3 +231,13 @@ def _print_report(console: Any, accuracy: dict[str, Any], world: Any) -> None:
     console.print(f"chance level of answer accuracy on forget facts (uniform over each pool): "
                   f"{chance_level(world):.3f}")
 
+
+
+def prepare_main(argv: list[str]) -> int:
+    """``rerule prepare``: jsonargparse over :func:`prepare`, with ``--threads`` and one-line errors."""
+    from rerule_lightning.lightning_cli import function_main
+    from rerule_lightning.validation import check_config_files
+
+    check_config_files(argv)
+    function_main(prepare, argv, prog="rerule prepare")
+    return 0

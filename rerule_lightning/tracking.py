@@ -1,6 +1,8 @@
 """MLflow integration: the resolved config as a run artifact, flattened params, run status, and faults.
 
 * :func:`check_reachable`: the CLI checks a tracking server answers before anything is trained.
+* :func:`default_artifact_location`: a local ``sqlite:///`` store keeps its artifacts in ``mlartifacts/``
+  beside the database file (MLflow's own default, ``./mlruns``, is relative to the working directory).
 * :class:`ResilientMLFlowLogger` (the CLI's default logger) keeps every metric in a local CSV beside the
   checkpoints and carries on when the server dies mid-run; :func:`relog_metrics` /
   ``python -m rerule_lightning.tracking relog CSV --tracking_uri URI`` puts them on the server afterwards.
@@ -91,6 +93,27 @@ def is_remote(uri: str | None) -> bool:
     return bool(uri) and uri.startswith(("http://", "https://"))
 
 
+#: Folder beside a local sqlite database that holds its experiments' artifacts (one sub-folder per experiment).
+ARTIFACT_DIR = "mlartifacts"
+
+
+def default_artifact_location(uri: str | None, experiment_name: str) -> str | None:
+    """Where a new experiment of a local sqlite store keeps its artifacts.
+
+    ``sqlite:///DIR/mlflow.db`` -> ``DIR/mlartifacts/<experiment name>`` (absolute; a relative database path
+    is taken from the working directory, as MLflow does). Any other URI -> ``None``: a server (or a
+    ``file:`` store) chooses its own artifact root. MLflow records the location when it creates the
+    experiment, so an experiment created before (or by other tools) keeps its own.
+    """
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name or "Default").strip(".") or "experiment"
+    return os.path.join(os.path.dirname(os.path.abspath(path)), ARTIFACT_DIR, folder)
+
+
 def server_problem(uri: str, timeout_s: float = 5.0) -> str | None:
     """Why the tracking server at ``uri`` does not answer ``GET {uri}/health``; ``None`` when it does (or when
     ``uri`` is not an HTTP(S) server)."""
@@ -179,6 +202,10 @@ class ResilientMLFlowLogger(MLFlowLogger):
     re-logs the CSV (:func:`relog_metrics`). ``finalize`` records the status in ``run.json`` next to the CSV
     and marks the MLflow run ``FINISHED`` or ``FAILED`` when the server answers.
 
+    With a local ``sqlite:///`` store and no ``artifact_location``, an experiment this logger creates keeps
+    its artifacts (``config.yaml``, ...) in :func:`default_artifact_location` (``mlartifacts/`` beside the
+    database), never in ``./mlruns`` of the working directory.
+
     Args:
         local_dir: Directory of ``metrics.csv``; by default chosen as above when the CLI binds the trainer.
         **kwargs: Passed to ``MLFlowLogger``.
@@ -186,6 +213,8 @@ class ResilientMLFlowLogger(MLFlowLogger):
 
     def __init__(self, *args: Any, local_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self._artifact_location is None:
+            self._artifact_location = default_artifact_location(self._tracking_uri, self._experiment_name)
         if is_remote(self._tracking_uri):
             for k, v in HTTP_DEFAULTS.items():
                 os.environ.setdefault(k, v)

@@ -143,7 +143,7 @@ def check_grpo_inputs(model: Any, datamodule: Any) -> None:
     if not isinstance(cfg.name_or_path, str) or not cfg.name_or_path.strip():
         raise ValueError(f"--model.init_args.policy.name_or_path is {cfg.name_or_path!r}: set the model to train "
                          "(a local directory or a hub id)")
-    check_local_path(cfg.name_or_path, "policy.name_or_path")
+    check_local_path(cfg.name_or_path, "--model.init_args.policy.name_or_path")
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):  # e.g. an adapter-only directory: loading the policy will say what is wrong
@@ -179,35 +179,76 @@ def check_grpo_inputs(model: Any, datamodule: Any) -> None:
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 
 
-def preflight_checkpoint(config: Any) -> None:
+def preflight_checkpoint(config: Any) -> tuple[str, dict[str, Any]] | None:
     """A ``--ckpt_path`` file must load with ``weights_only=True`` and be a Lightning checkpoint.
 
     ``last`` / ``best`` are resolved by Lightning later and loaded through the same checks
     (:class:`~rerule_lightning.checkpointing.AtomicCheckpointIO`).
 
+    Returns:
+        ``(path, parameter name -> shape)`` of the file (shapes as ``meta`` tensors, no weights kept), for
+        :func:`check_checkpoint_model`; ``None`` without a file.
+
     Raises:
         FileNotFoundError, ValueError: Naming the file (see :func:`rerule_lightning.checkpointing.safe_load`).
     """
+    import torch
+
     from rerule_lightning.checkpointing import validate_checkpoint
 
     sub = config.get("subcommand") if config is not None else None
     ckpt = config[sub].get("ckpt_path") if sub else None
-    if ckpt and str(ckpt) not in LIGHTNING_CKPT_ALIASES:
-        try:
-            validate_checkpoint(str(ckpt))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--ckpt_path {ckpt}: file not found") from None
+    if not ckpt or str(ckpt) in LIGHTNING_CKPT_ALIASES:
+        return None
+    try:
+        loaded = validate_checkpoint(str(ckpt))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--ckpt_path {ckpt}: file not found") from None
+    state = loaded.get("state_dict") or {}
+    shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if torch.is_tensor(v) else v
+              for k, v in state.items()}
+    return str(ckpt), shapes
+
+
+def check_checkpoint_model(cli: Any, checkpoint: tuple[str, Mapping[str, Any]] | None) -> None:
+    """Refuse a ``--ckpt_path`` file of another model before Lightning starts (and creates an MLflow run).
+
+    Builds the configured model as Lightning would (``configure_model`` under the strategy's and precision's
+    init contexts; the hook is idempotent, so Lightning's own call then finds it built) and compares parameter
+    names and shapes with the file (:func:`~rerule_lightning.checkpointing.check_state_dict_matches`). Skipped,
+    the same check then running when Lightning restores the file, for a module with ``strict_loading = False``
+    and for strategies that build the model inside their launched, sharded processes (FSDP, DeepSpeed).
+
+    Raises:
+        ValueError: Naming the file and the first differing parameter names / shapes.
+    """
+    if checkpoint is None:
+        return
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from rerule_lightning.checkpointing import check_state_dict_matches
+
+    model, trainer = cli.model, cli.trainer
+    strategy = trainer.strategy
+    if not getattr(model, "strict_loading", True) or strategy.restore_checkpoint_after_setup \
+            or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return
+    with strategy.tensor_init_context(), strategy.model_sharded_context(), \
+            trainer.precision_plugin.module_init_context():
+        model.configure_model()
+    path, shapes = checkpoint
+    check_state_dict_matches(shapes, model.state_dict(), path)
 
 
 def preflight(cli: Any, subcommand: str) -> None:
     """What the ``rerule fit | validate | test`` CLI checks and sets up before Lightning runs anything.
 
-    In order (the first failure stops, nothing has been trained, written or logged yet):
+    In order (the first failure stops; nothing has been trained, written or logged yet, no MLflow run exists):
 
     1. every HTTP(S) MLflow tracking server answers (:func:`rerule_lightning.tracking.check_reachable`);
-    2. the world files and prompt lengths (:func:`check_grpo_inputs`).
-
-    (A ``--ckpt_path`` file was already checked by :func:`preflight_checkpoint` while parsing.)
+    2. the world files and prompt lengths (:func:`check_grpo_inputs`);
+    3. a ``--ckpt_path`` file (already checked to be a safe Lightning checkpoint while parsing, by
+       :func:`preflight_checkpoint`) holds the configured model's parameters (:func:`check_checkpoint_model`).
 
     Then checkpoints are routed through :class:`~rerule_lightning.checkpointing.AtomicCheckpointIO` and the
     resilient MLflow logger is told where the checkpoints go (its local CSV lives beside them).
@@ -223,6 +264,7 @@ def preflight(cli: Any, subcommand: str) -> None:
         if isinstance(logger, MLFlowLogger):
             check_reachable(logger._tracking_uri)
     check_grpo_inputs(cli.model, cli.datamodule)
+    check_checkpoint_model(cli, getattr(cli, "checkpoint", None))
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     for logger in trainer.loggers:

@@ -16,7 +16,8 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.join(os.path
 import pytest  # noqa: E402
 
 TINY_WORLD = dict(seed=0, preset="hard", num_families=5, authors_per_family=3, num_forget_families=2,
-                  num_boundary_easy_families=2, num_holdout_authors=3, num_world_facts=4)
+                  num_boundary_easy_families=2, num_holdout_authors=3, num_world_facts=4,
+                  hard_first_name_collisions=2)
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                   max_position_embeddings=96)
 TINY_TRAIN = dict(epochs=60, learning_rate=5e-3, warmup_steps=10, batch_size=32, seed=0)
@@ -36,20 +37,29 @@ def no_weight_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: a second intra-op thread only waits for a busy core."""
+    """Tiny models on a shared 2-core machine: a second intra-op thread only waits for a busy core.
+
+    Also the thread count the ``rerule`` commands run in these tests pin (``RERULE_THREADS``)."""
     import torch
 
     before = torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in ("RERULE_THREADS", "OMP_NUM_THREADS")}
+    os.environ["RERULE_THREADS"] = "1"
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+    for k, v in saved.items():  # the CLI also sets OMP_NUM_THREADS (for the processes it starts)
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """``rerule prepare`` on a tiny world (seconds): returns the manifest (paths, links, accuracy)."""
     from datamodules.world import WorldConfig
-    from rerule_lightning.cli import quiet_libraries
+    from rerule_lightning.lightning_cli import quiet_libraries
     from rerule_lightning.prepare import SFTTrainConfig, prepare
     from rerule_lightning.sft import TinyLlamaConfig
 

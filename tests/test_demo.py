@@ -10,7 +10,7 @@ import yaml
 from conftest import TINY_MODEL, TINY_TRAIN, TINY_WORLD
 
 
-def test_demo_runs_every_stage_and_writes_results(tiny_prepared, tmp_path, capsys):
+def test_demo_runs_every_stage_and_writes_results(tiny_prepared, tmp_path, capsys, monkeypatch):
     from rerule_lightning.cli import main
 
     cache = os.path.dirname(os.path.dirname(tiny_prepared["links"]["world"]))  # <cache>/embedded/world
@@ -18,11 +18,11 @@ def test_demo_runs_every_stage_and_writes_results(tiny_prepared, tmp_path, capsy
     prep.write_text(yaml.safe_dump({"world": TINY_WORLD, "model": TINY_MODEL, "target_training": TINY_TRAIN,
                                     "vocab_size": 512, "progress": False}))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the demo sets it for its stages; restored afterwards
     try:
         rc = main(["demo", "--prepare_config", str(prep), "--cache_dir", cache, "--rule_steps", "2",
                    "--output_dir", str(tmp_path / "out"), "--tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
-                   "--seeds", "[0]"])
+                   "--seeds", "[0]", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0

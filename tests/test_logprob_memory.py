@@ -83,7 +83,9 @@ def test_sequence_logprobs_unchanged_by_logits_to_keep(temperature: float, refer
         logits = net(input_ids=ids, attention_mask=attn).logits  # [N, P+T', V]
         before = token_logprobs(logits[:, p - 1:-1] / temperature, ids[:, p:])  # [N, T']
     assert logp.shape == (3, 4) and torch.equal(m, c_mask[:, :4])
-    torch.testing.assert_close(logp, before, atol=1e-6, rtol=0)
+    # the lm head over the kept positions only is a matmul of another shape (other blocking, other float32
+    # rounding) than over every position: log-probs of ~-3.7 (ulp ~2.4e-7) agree to a few ulp, not bit for bit
+    torch.testing.assert_close(logp, before, atol=1e-5, rtol=0)
 
 
 def _tiny_lm(seed: int = 0):

@@ -149,6 +149,7 @@ def test_trainer_built_by_the_cli_and_run_directly_keeps_its_csv_under_default_r
     logger = cli.trainer.logger
     expected = tmp_path / "logs" / str(logger.experiment_id) / str(logger.run_id) / "metrics.csv"
     assert Path(logger.csv_path) == expected and expected.is_file()
-    # only MLflow's own artifact root (a sqlite store's default is ./mlruns) may appear in the working directory
-    assert [p.name for p in cwd.iterdir()] in ([], ["mlruns"]), list(cwd.iterdir())
+    # nothing in the working directory: the sqlite store's artifacts live beside it (not MLflow's ./mlruns)
+    assert list(cwd.iterdir()) == [], list(cwd.iterdir())
+    assert list((tmp_path / "mlartifacts" / "rerule" / str(logger.run_id)).glob("artifacts/config.yaml"))
     assert not list(cwd.glob(f"{logger.experiment_id}/**/metrics.csv"))

@@ -159,3 +159,13 @@ def test_benchmark_end_to_end_on_the_tiny_world(tiny_prepared: dict, tmp_path: P
     assert json.loads((out / "results.json").read_text())["runs"] == json.loads(before)["runs"]
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         replay.main([*argv, "--world", "seed"])
+
+
+def test_benchmark_fails_loudly_on_an_empty_buffer() -> None:
+    from benchmarks.replay import check_buffer_used
+
+    check_buffer_used("RULE", 0, "hard", {})
+    check_buffer_used("ReRULE", 0, "hard", {"replay/buffer_size": [(0, 0.0), (1, 2.0)]})
+    with pytest.raises(RuntimeError, match="'ReRULE \\(boundary groups\\)' \\(seed 3, preset hard\\): the replay buffer "
+                                           "stayed empty"):
+        check_buffer_used("ReRULE (boundary groups)", 3, "hard", {"replay/buffer_size": [(0, 0.0), (1, 0.0)]})

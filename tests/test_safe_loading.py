@@ -140,11 +140,9 @@ def test_yaml_python_tags_are_rejected_and_never_run(tmp_path: Path, capsys: pyt
     evil = tmp_path / "evil.yaml"
     evil.write_text("model:\n  init_args:\n    reward: !!python/object/apply:builtins.open "
                     f"['{marker}', 'w']\n")
-    with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(RULE), "--config", str(evil), "--trainer.logger", "false"])
-    assert info.value.code == 2
+    assert main(["fit", "--config", str(RULE), "--config", str(evil), "--trainer.logger", "false"]) == 2
     err = capsys.readouterr().err
-    assert "python/object/apply" in err and "Traceback" not in err
+    assert "rerule: error: " in err and "python/object/apply" in err and "Traceback" not in err
     assert not marker.exists(), "a YAML python tag was executed"
 
 

@@ -24,7 +24,7 @@ from rerule_lightning.sft import IGNORE_INDEX, collate_right_padded, sft_loss, t
 
 # 5 families of 3: 2 forget authors, 4 boundary-hard, 6 boundary-easy, 3 retain; 4 world facts.
 WORLD = dict(seed=0, num_families=5, authors_per_family=3, num_forget_families=2, num_boundary_easy_families=2,
-             num_holdout_authors=3, num_world_facts=4)
+             num_holdout_authors=3, num_world_facts=4, hard_first_name_collisions=2)
 FACTS, PARAPHRASES, WORLD_PARAPHRASES = 6, 3, 2
 N_FORGET_Q = 2 * FACTS * PARAPHRASES  # 36
 N_TARGET = (2 + 4 + 6 + 3) * FACTS * PARAPHRASES + 4 * WORLD_PARAPHRASES  # 278

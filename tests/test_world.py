@@ -27,7 +27,7 @@ from rerule_lightning.prompting import format_prompt
 REPO = Path(__file__).resolve().parents[1]
 AUTHOR_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "holdout")
 SMALL = dict(seed=3, num_families=5, authors_per_family=3, num_forget_families=2, num_boundary_easy_families=2,
-             num_holdout_authors=3, num_world_facts=4)
+             num_holdout_authors=3, num_world_facts=4, hard_first_name_collisions=2)
 CONFIGS = {
     "default": WorldConfig(),
     "small": WorldConfig(**SMALL),
@@ -376,7 +376,7 @@ def test_collision_counts_are_parameters_not_accidents_of_the_seed(seed: int) ->
     forget = _authors(world, "forget")
     hard, easy = _authors(world, "boundary_hard"), _authors(world, "boundary_easy")
     assert set(forget.values()) == {"forget"}
-    assert sorted(hard.values()).count("both") == cfg.hard_first_name_collisions == 2
+    assert sorted(hard.values()).count("both") == cfg.hard_first_name_collisions == 6
     assert set(hard.values()) == {"both", "surname"}
     assert sorted(easy.values()).count("first_name") == cfg.easy_first_name_collisions == 2
     assert set(easy.values()) == {"first_name", "none"}

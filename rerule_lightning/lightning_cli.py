@@ -1,0 +1,428 @@
+"""The LightningCLI behind ``rerule fit | validate | test``, and what every ``rerule`` command shares.
+
+* :func:`lightning_main` builds :class:`ReruleCLI`: any LightningModule / DataModule by ``class_path``, MLflow
+  by default (:data:`DEFAULT_TRACKING_URI`), the resolved config logged as an artifact, and the checks of
+  :mod:`rerule_lightning.validation` before Lightning runs anything.
+* :func:`pin_threads`: the torch thread count of a command (``--threads``, :data:`THREADS_HELP`), so that a
+  run repeats exactly on the same machine.
+* :func:`one_line_error`: jsonargparse's nested error text (union subtypes, a dump of the resolved
+  ``Namespace``) as one line naming the flag, e.g. ``--model.init_args.num_generations=1: GRPO needs at least
+  2 completions per prompt``. The ``rerule`` entry point prints it as ``rerule: error: ...`` (exit status 2);
+  ``RERULE_DEBUG=1`` shows the traceback with jsonargparse's full text.
+* :func:`function_main`: jsonargparse over a plain function (``rerule prepare``, ``rerule demo``) with the same
+  thread pinning and one-line errors.
+
+Lightning is imported only when a CLI is built, so importing this module (and ``rerule --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+# ------------------------------------------------------------------------------------------- threads
+THREADS_ENV = "RERULE_THREADS"
+#: The default count: fixed rather than one per core, because how float32 reductions are split between
+#: threads (hence their last bits) depends on the thread count, not on the number of cores. It is also what
+#: torch chose on the 2-core machine that produced docs/RESULTS.md.
+DEFAULT_THREADS = 2
+THREADS_HELP = (f"torch intra-op threads (torch.set_num_threads), pinned so that a run repeats exactly on the same "
+                f"machine; default: ${THREADS_ENV}, else $OMP_NUM_THREADS, else {DEFAULT_THREADS}; 0 leaves torch's "
+                f"own default (one thread per core)")
+
+
+def resolve_threads(value: int | str | None) -> int:
+    """The thread count a command uses: ``value``, else ``$RERULE_THREADS``, else ``$OMP_NUM_THREADS``, else
+    :data:`DEFAULT_THREADS`; ``0`` means torch's own default.
+
+    Raises:
+        ValueError: Naming the flag or variable when the value is not an integer >= 0.
+    """
+    source = "--threads"
+    if value is None:
+        for env in (THREADS_ENV, "OMP_NUM_THREADS"):
+            if os.environ.get(env, "").strip():
+                value, source = os.environ[env], f"${env}"
+                break
+        else:
+            return DEFAULT_THREADS
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{source}={value}: expected an integer >= 0 (0 leaves torch's default, one thread per core)")
+    return n
+
+
+def pin_threads(value: int | str | None = None) -> int:
+    """Set torch's intra-op thread count (see :func:`resolve_threads`) for this process and the processes it
+    starts (``OMP_NUM_THREADS``, which Lightning's DDP launcher then leaves alone). Returns the count (0: not
+    pinned)."""
+    n = resolve_threads(value)
+    if n > 0:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+    return n
+
+
+def pop_threads(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split ``--threads N`` / ``--threads=N`` off ``argv``: ``(N or None, the other arguments)``."""
+    value, rest, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--threads":
+            if i + 1 >= len(argv):
+                raise ValueError("--threads: expected a value")
+            value, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--threads="):
+            value = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return value, rest
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and tips of datasets / transformers / Lightning (not our own bars)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # pragma: no cover - optional
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - optional
+        pass
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|defined a `validation_step`"
+                                              r"|module\(s\) in eval mode|no `validation_step`|LightningCLI.s args parameter).*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------- errors
+class ConfigError(ValueError):
+    """A config / flag error, already one line naming the flag (the ``rerule`` entry point prints it)."""
+
+
+_UNION = "Does not validate against any of the Union subtypes"
+#: Alternatives of a union that never explain the failure (``Optional[...]``'s ``None``, a list form).
+_NOISE = ("Expected a <class 'NoneType'>", "Not a valid subclass of", "Expected a <class 'list'>",
+          "Expected a list")
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_ITEM = re.compile(r"(?P<name>[A-Za-z_][\w.]*)(?P<rest>=.*|: .*)", re.S)
+
+
+def is_jsonargparse_error(text: str) -> bool:
+    """Whether ``text`` has the shape of jsonargparse's nested validation messages."""
+    head = text.lstrip()
+    return head.startswith((_UNION, "Parser key ", "Problem with given class_path"))
+
+
+def _dedent(lines: list[str]) -> list[str]:
+    lines = [ln.rstrip() for ln in lines if ln.strip()]
+    if not lines:
+        return []
+    n = min(len(ln) - len(ln.lstrip()) for ln in lines)
+    return [ln[n:] for ln in lines]
+
+
+def _union_entries(lines: list[str]) -> tuple[list[list[str]], str | None]:
+    """The ``Errors:`` entries of a union block (each a list of lines) and its ``Given value``."""
+    entries: list[list[str]] = []
+    given, inside = None, False
+    for ln in lines:
+        indent = len(ln) - len(ln.lstrip())
+        if indent == 0:
+            inside = ln.startswith("Errors:")
+            if ln.startswith("Given value:"):
+                given = ln.split(":", 1)[1].strip()
+            continue
+        if inside and ln.lstrip().startswith("- ") and indent <= 2:
+            entries.append([ln.lstrip()[2:]])
+        elif inside and entries:
+            entries[-1].append(ln)
+    return entries, given
+
+
+def _walk(lines: list[str], keys: list[str], ctx: dict[str, Any]) -> tuple[list[str], str]:
+    """Descend jsonargparse's message to its innermost meaningful line: ``(key path, that line)``."""
+    lines = _dedent(lines)
+    if not lines:
+        return keys, ""
+    head, body = lines[0].strip(), lines[1:]
+    m = re.fullmatch(r'Parser key "([^"]+)":', head)
+    if m:
+        return _walk(body, keys + m.group(1).split("."), ctx)
+    m = re.fullmatch(r"Problem with given class_path '([^']+)':", head)
+    if m:
+        ctx["class_path"] = m.group(1)
+        return _walk(body, keys + ["init_args"], ctx)
+    if head.startswith(_UNION):
+        entries, given = _union_entries(lines)
+        if given is not None:
+            ctx["given"] = given
+            cp = re.search(r"class_path='([^']+)'", given)
+            if cp and "class_path" not in ctx:
+                ctx["class_path"] = cp.group(1)
+        useful = [e for e in entries if not e[0].startswith(_NOISE)] or entries
+        return _walk(useful[0], keys, ctx) if useful else (keys, head)
+    return keys, " ".join(ln.strip() for ln in lines)
+
+
+def _pretty_type(t: str) -> str:
+    m = re.fullmatch(r"typing\.Literal\[(.*)\]", t)
+    if m:
+        return f"one of {m.group(1)}"
+    return re.sub(r"<class '([^']+)'>", r"\1", t)
+
+
+def _flag(keys: list[str]) -> str:
+    if keys and keys[0] in _SUBCOMMANDS:
+        keys = keys[1:]
+    return "--" + ".".join(keys)
+
+
+def _locate(config: Any, class_name: str | None, class_path: str | None) -> tuple[str, Mapping[str, Any]] | None:
+    """The dotted config key of the component with this class (``model``, ``data``, ``trainer.callbacks``)
+    and its ``init_args``."""
+    if config is None or not (class_name or class_path):
+        return None
+    cfg = config.as_dict() if hasattr(config, "as_dict") else config
+
+    def matches(node: Mapping[str, Any]) -> bool:
+        cp = str(node.get("class_path") or "")
+        return bool(cp) and (cp == class_path or (class_name is not None and cp.rsplit(".", 1)[-1] == class_name))
+
+    def visit(node: Any, path: list[str]) -> tuple[str, Mapping[str, Any]] | None:
+        if isinstance(node, Mapping):
+            if matches(node):
+                return ".".join(path), node.get("init_args") or {}
+            for k, v in node.items():
+                found = visit(v, path + [str(k)])
+                if found:
+                    return found
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                found = visit(v, path)
+                if found:
+                    return found
+        return None
+
+    return visit(cfg, [])
+
+
+def _name_items(text: str, ctx: dict[str, Any], config: Any) -> str:
+    """A validator's own message (``[ClassName: ]name=value: reason; ...``) with each name as its full flag."""
+    m = re.match(r"([A-Z][A-Za-z0-9_]*): (.+)", text, re.S)
+    class_name, text = (m.group(1), m.group(2)) if m else (None, text)
+    where = _locate(config, class_name, ctx.get("class_path"))
+    if where is None:
+        return f"{class_name}: {text}" if class_name else text
+    group, init_args = where
+    parts = group.split(".")
+    if parts and parts[0] in _SUBCOMMANDS:
+        parts = parts[1:]
+    group = ".".join(parts)
+    items: list[str] = []
+    for seg in text.split("; "):
+        if _ITEM.match(seg) or not items:
+            items.append(seg)
+        else:
+            items[-1] += "; " + seg
+    out = []
+    for item in items:
+        im = _ITEM.match(item)
+        if im:
+            names = im.group("name").split(".")
+            if len(names) > 1 and names[0] == parts[-1] and names[1] in init_args:  # "data.batch_size=..."
+                names = names[1:]
+            if names[0] in init_args:
+                item = f"--{group}.init_args.{'.'.join(names)}{im.group('rest')}"
+        out.append(item)
+    line = "; ".join(out)
+    if group.endswith("callbacks") and class_name:  # a list: say which callback
+        line += f" ({class_name})"
+    return line
+
+
+def one_line_error(text: str, config: Any = None) -> str:
+    """jsonargparse's (possibly nested, many-line) error message as one line naming the flag.
+
+    Args:
+        text: The message of jsonargparse's ``ArgumentError`` (parsing) or ``ValueError`` (instantiation).
+        config: The parsed config, to name the flag of a component's own validation error (which names
+            only its argument, e.g. ``num_generations=1: ...``).
+
+    Returns:
+        E.g. ``--model.init_args.num_generations=1: GRPO needs at least 2 completions per prompt`` or
+        ``--data.init_args.preset=medium: expected one of 'easy', 'hard'``; text of another shape with its
+        lines joined.
+    """
+    text = text.strip()
+    m = re.fullmatch(r"the following arguments are required: (.+)", text)
+    if m:
+        flags = ", ".join(_flag(k.strip().split(".")) for k in m.group(1).split(","))
+        return f"{flags}: required, but neither a --config file nor a flag sets it"
+    if not is_jsonargparse_error(text):
+        return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+    ctx: dict[str, Any] = {}
+    keys, leaf = _walk(text.splitlines(), [], ctx)
+    m = re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", leaf, re.S)
+    if m:
+        return f"{_flag(keys)}={m.group(2)}: expected {_pretty_type(m.group(1))}"
+    m = re.fullmatch(r"Expected a (.+)", leaf, re.S)
+    if m and keys:
+        given = ctx.get("given")
+        value = f"={given}" if given is not None and "Namespace(" not in given else ""
+        return f"{_flag(keys)}{value}: expected {_pretty_type(m.group(1))}"
+    m = re.fullmatch(r"Option '([^']+)' is not accepted", leaf)
+    if m:
+        owner = ctx.get("class_path")
+        return f"{_flag(keys + [m.group(1)])}: not an option of {owner}" if owner else \
+            f"{_flag(keys + [m.group(1)])}: unknown option"
+    if keys:
+        return f"{_flag(keys)}: {leaf}"
+    return _name_items(leaf, ctx, config)
+
+
+# ------------------------------------------------------------------------------------------- commands
+def function_main(fn: Callable[..., Any], argv: list[str], prog: str | None = None) -> Any:
+    """jsonargparse's ``CLI`` over ``fn`` (``--config``, ``--print_config``, ``--help``) with one-line errors.
+
+    ``--threads`` is pinned first (:func:`pin_threads`), unless ``fn`` takes ``threads`` itself (then it is
+    an ordinary argument of ``fn``, which passes it on).
+
+    Raises:
+        ConfigError: A parse error, as one line naming the flag.
+    """
+    from jsonargparse import CLI, ArgumentError
+
+    kwargs: dict[str, Any] = {}
+    if "threads" not in inspect.signature(fn).parameters:
+        threads, argv = pop_threads(argv)
+        pin_threads(threads)
+        kwargs["epilog"] = f"--threads N: {THREADS_HELP}"
+    try:
+        return CLI(fn, args=argv, as_positional=False, exit_on_error=False, prog=prog, **kwargs)
+    except ArgumentError as err:
+        raise ConfigError(one_line_error(str(err))) from err
+
+
+@functools.cache
+def rerule_cli_class() -> type:
+    """:class:`ReruleCLI` (built on first use: it subclasses Lightning's ``LightningCLI``)."""
+    from jsonargparse import ArgumentError
+    from lightning.pytorch.cli import LightningCLI
+
+    from rerule_lightning.validation import preflight, preflight_checkpoint
+
+    class ReruleCLI(LightningCLI):
+        """``LightningCLI`` with ``--threads``, one-line config errors and :func:`~rerule_lightning.validation.
+        preflight` (tracking server, inputs, checkpoint) before fit / validate / test."""
+
+        #: ``(path, parameter names -> shapes)`` of a ``--ckpt_path`` file, checked while parsing.
+        checkpoint: tuple[str, Mapping[str, Any]] | None = None
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_argument("--threads", type=int | None, default=None, help=THREADS_HELP)
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+                p.exit_on_error = False  # raise, so that the entry point prints one line
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                raise ConfigError(one_line_error(str(err))) from err
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning would torch.load the file raw and merge its hyper-parameters into the config; we check
+            # it (weights_only=True, errors naming the file) and keep the given config as the source of truth.
+            self.checkpoint = preflight_checkpoint(self.config)
+
+        def _subcommand_config(self) -> Any:
+            return self.config[self.subcommand] if self.subcommand else self.config
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self._subcommand_config()
+            cfg.threads = pin_threads(cfg.get("threads"))  # the logged config says what was used
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except ValueError as err:
+                if isinstance(err, ConfigError) or not is_jsonargparse_error(str(err)):
+                    raise
+                raise ConfigError(one_line_error(str(err), self._subcommand_config())) from err
+
+        def before_fit(self) -> None:
+            preflight(self, "fit")
+
+        def before_validate(self) -> None:
+            preflight(self, "validate")
+
+        def before_test(self) -> None:
+            preflight(self, "test")
+
+    return ReruleCLI
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ReruleCLI":  # without importing Lightning with this module
+        return rerule_cli_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lightning_main(argv: list[str], run: bool = True) -> Any:
+    """``rerule fit | validate | test``: LightningCLI with MLflow and our config-artifact callback.
+
+    With ``run=False`` the config is parsed and every class instantiated, nothing is run (no weights are
+    loaded: that happens in ``configure_model``). ``argv`` may then still start with a subcommand, whose own
+    options (``ckpt_path``, ``verbose``, ...) are parsed as usual. ``--threads`` pins this process's torch
+    thread count (:func:`pin_threads`) before any class is instantiated.
+
+    Raises:
+        ConfigError: A config or flag error (parsing or a component's own validation), as one line.
+    """
+    import lightning as L
+
+    from rerule_lightning.tracking import MLflowSaveConfigCallback
+    from rerule_lightning.validation import check_config_files
+
+    check_config_files(argv)
+    cli_class = rerule_cli_class()
+    if not run and argv and argv[0] in _SUBCOMMANDS:
+        # LightningCLI(run=False) accepts no subcommand; parse it as run=True would, but skip running it.
+        class InstantiateOnlyCLI(cli_class):  # type: ignore[misc, valid-type]
+            def _run_subcommand(self, subcommand: str) -> None:
+                return None
+
+        cli_class, run = InstantiateOnlyCLI, True
+    trainer_defaults = {
+        "logger": {
+            "class_path": "rerule_lightning.tracking.ResilientMLFlowLogger",
+            "init_args": {"experiment_name": "rerule", "tracking_uri": DEFAULT_TRACKING_URI},
+        },
+    }
+    return cli_class(
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        trainer_defaults=trainer_defaults, save_config_callback=MLflowSaveConfigCallback,
+        save_config_kwargs={"overwrite": True}, args=argv, run=run, auto_configure_optimizers=False,
+    )
