@@ -39,10 +39,12 @@ from benchmarks.replay_analysis import write_outputs  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "RULE": [],
-    "ReRULE (hard-case)": ["--config", "configs/replay/hard_case.yaml"],
+    "ReRULE (hard-case)": ["--config", "configs/replay/hard_case.yaml"],  # spend: add
+    "ReRULE (fill)": ["--config", "configs/replay/hard_case_fill.yaml"],  # spend: fill, compute-neutral
     "random replay": ["--config", "configs/replay/random.yaml"],
     "ReRULE without IS": ["--config", "configs/replay/hard_case_no_is.yaml"],
     "ReRULE (boundary groups)": ["--config", "configs/replay/hard_case_boundary.yaml"],
+    "prompt replay": ["--config", "configs/replay/prompt_replay.yaml"],
 }
 DEFAULT_VARIANTS = ["RULE", "ReRULE (hard-case)", "random replay", "ReRULE without IS"]
 VAL_SPLITS = ["forget", "boundary_hard", "boundary_easy"]

@@ -137,8 +137,8 @@ def profile(steps: int, replay: bool, collect_steps: int, workdir: str) -> list[
              "--model.init_args.export_dir", "null"]
     cli = lightning_main(argv, run=False)
     for cb in cli.trainer.callbacks:
-        if hasattr(cb, "collect_steps_arg"):
-            cb.collect_steps_arg = collect_steps
+        if hasattr(cb, "replay_start_arg"):  # collection runs throughout; replay from step `collect_steps` on
+            cb.replay_start_arg = collect_steps
     timer = StepTimer()
     instrument(cli.trainer, cli.model, timer)
     cli.trainer.fit(cli.model, cli.datamodule)

@@ -1,25 +1,31 @@
-"""ReRULE: a replay buffer of low-reward hard-case rollout groups, reused through off-policy updates.
+"""ReRULE: a replay buffer of hard-case rollout groups, reused through off-policy updates (Lightning glue).
 
-``HardCaseReplayCallback`` owns admission, storage, sampling and eviction; the module computes the replayed
-part of the loss (:meth:`GRPOUnlearningModule.replay_loss`). The contract is the one documented in
-:mod:`rerule_lightning.rollout`: fresh groups arrive as ``outputs["groups"]`` in ``on_train_batch_end``;
-replayed groups leave as ``batch["replay"]`` (with ``advantages`` set) and ``batch["replay_options"]`` in
-``on_train_batch_start``. No group is ever re-generated.
+The decisions live in :mod:`callbacks.buffer` (pure); this module wires them to the batch hooks. The contract
+with the module is the one documented in :mod:`rerule_lightning.rollout`: fresh groups arrive as
+``outputs["groups"]`` in ``on_train_batch_end``; stored groups leave as ``batch["replay"]`` (priority order,
+``advantages`` set) with ``batch["replay_options"]`` in ``on_train_batch_start``; the module reports the
+ones it trained on as ``outputs["replay_used"]`` and only those count as replayed.
 
-Phases are decided by ``trainer.global_step``: **collect** while ``step < collect_steps``, then **hybrid**.
+Time is counted in **rollout batches** ``trainer.global_step // μ`` (μ = the module's ``num_iterations``:
+Lightning counts every optimizer step in ``global_step``): ``collect_steps``, ``replay_start``, ``max_age`` and
+the sampling seeds all use it, and fractions are of ``trainer.max_steps // μ``.
 
-* Admission (collect phase only): a fresh group is hard if its mean reward ≤ ``reward_threshold`` and, with
-  ``require_variance``, its rewards are not all equal (such a group has zero group advantage and no gradient).
-  Under DDP every rank's admissions are gathered, so every rank holds the identical buffer.
-* Storage: at most ``capacity`` groups; the lowest-priority (then oldest) group is evicted first. Priority
-  is hardness^α with hardness = 1 − mean reward (rewards lie in [0, 1]). A group is dropped after
-  ``max_replays`` replays, when it is older than ``max_age`` steps, or (``retire_solved``) as soon as a fresh
-  group of the same prompt reaches the threshold.
-* Sampling (hybrid phase): ``replay_groups`` groups per rank per step, without replacement, with probability
-  proportional to priority, from a generator seeded by ``(seed, step)``; under DDP one global draw is split so
-  ranks get disjoint groups.
-* Advantages of replayed groups: their stored group-normalised advantages (``group``), or reward minus a
-  per-label running mean of fresh rewards (``running``), which also gives zero-variance groups a signal.
+* Collection: every fresh group updates its label's running statistics (last ``window`` groups) and its
+  prompt's moving average of group means (EMA, ``prompt_momentum``); while collecting (always, or for the first
+  ``collect_steps`` batches), :meth:`admissible` groups are stored, at most one per prompt (the newer replaces
+  the older), at most ``capacity``.
+* Replay starts at batch ``replay_start`` or, with ``adaptive``, after the first batch at which some label's
+  window is full and its fraction of zero-variance groups reaches ``adaptive_threshold``.
+* Spending: ``add`` offers ``replay_groups`` stored groups per rank per step, all trained on besides the fresh
+  ones; ``fill`` offers up to ``replay_groups`` (``null``: the local batch size) and the module uses one per
+  fresh zero-variance group, leaving those out (compute-neutral).
+* Sampling: ``priority`` weights, without replacement, from a generator seeded by ``(seed, batch)``; under
+  DDP one global draw is split so ranks get disjoint groups, and every rank applies every rank's admissions
+  and replays, so all ranks hold the identical buffer.
+* Leaving: after ``max_replays`` replays, older than ``max_age`` batches, beyond ``capacity`` (lowest priority
+  first), or retired (:meth:`retire`).
+* Advantages of replayed groups: ``group`` (stored at collection) or ``running``
+  (:func:`callbacks.buffer.running_advantages`: on the fresh scale, and non-zero for zero-variance groups).
 """
 
 from __future__ import annotations
@@ -30,238 +36,372 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from callbacks.buffer import (
+    Entry,
+    Hardness,
+    LabelStats,
+    ReplayBuffer,
+    Schedule,
+    option_errors,
+    resolve_schedule,
+    running_advantages,
+    schedule_errors,
+    zero_variance,
+)
 from rerule_lightning.rollout import RolloutGroup
 
 
-class HardCaseReplayCallback(L.Callback):
-    """Stores hard rollout groups during early GRPO and replays them later with an off-policy correction.
+class ReplayCallback(L.Callback):
+    """Shared machinery of the replay callbacks (schedule, sampling, DDP, accounting, checkpoint).
 
-    Args:
-        collect_steps: End of the collect phase: a step count, or a fraction (< 1) of ``trainer.max_steps``.
-        reward_threshold: A group is hard when its mean reward is at most this.
-        require_variance: Refuse groups whose rewards are all equal.
-        capacity: Most groups held.
-        priority_exponent: α in priority = hardness^α (0 = uniform sampling among stored groups).
-        max_replays: Times a group may be replayed before it is dropped.
-        max_age: Drop groups sampled more than this many steps ago (``None`` = never).
-        retire_solved: Drop a prompt's groups once a fresh group of that prompt reaches the threshold.
-        replay_groups: Stored groups added to each hybrid step's batch (per rank).
-        correction: Off-policy correction: ``truncated`` (−sg(min(ρ, c̄))·A·log π), ``clipped`` (PPO surrogate
-            against the behaviour policy) or ``none`` (ρ ≡ 1, the naive ablation).
-        is_level: Importance ratio per ``token`` or per ``sequence`` (geometric mean of token ratios).
-        is_cap: c̄, the truncation cap of ``truncated``.
-        advantages: ``group`` (stored, normalised at collection) or ``running`` (reward minus per-label running
-            mean of fresh rewards).
-        running_momentum: EMA momentum of the running baseline.
-        replay_loss_weight: Weight of the replayed loss relative to the fresh one.
-        labels: Prompt labels that may be admitted (``None`` = all).
-        seed: Seed of replay sampling.
+    Subclasses decide :meth:`admissible`, :meth:`priority`, :meth:`retire` and :meth:`deliver`. Arguments: see
+    :class:`HardCaseReplayCallback`.
     """
 
-    def __init__(self, collect_steps: int | float = 0.5, reward_threshold: float = 0.5, require_variance: bool = True,
-                 capacity: int = 256, priority_exponent: float = 1.0, max_replays: int = 2,
-                 max_age: int | None = None, retire_solved: bool = True, replay_groups: int = 2,
-                 correction: Literal["truncated", "clipped", "none"] = "truncated",
-                 is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
-                 advantages: Literal["group", "running"] = "group", running_momentum: float = 0.9,
-                 replay_loss_weight: float = 1.0, labels: list[str] | None = None, seed: int = 0) -> None:
-        errors = []
-        if isinstance(collect_steps, float) and collect_steps >= 1.0 and collect_steps != int(collect_steps):
-            errors.append(f"collect_steps={collect_steps}: give a step count or a fraction in (0, 1)")
-        if collect_steps < 0:
-            errors.append(f"collect_steps={collect_steps}: must be >= 0")
-        if capacity < 1:
-            errors.append(f"capacity={capacity}: must be >= 1")
-        if max_replays < 1:
-            errors.append(f"max_replays={max_replays}: must be >= 1")
-        if max_age is not None and max_age < 1:
-            errors.append(f"max_age={max_age}: must be >= 1 or null")
-        if replay_groups < 1:
-            errors.append(f"replay_groups={replay_groups}: must be >= 1")
-        if correction not in ("truncated", "clipped", "none"):
-            errors.append(f"correction={correction!r}: choose truncated, clipped or none")
-        if is_level not in ("token", "sequence"):
-            errors.append(f"is_level={is_level!r}: choose token or sequence")
-        if is_cap <= 0:
-            errors.append(f"is_cap={is_cap}: must be > 0")
-        if advantages not in ("group", "running"):
-            errors.append(f"advantages={advantages!r}: choose group or running")
-        if not 0.0 <= running_momentum < 1.0:
-            errors.append(f"running_momentum={running_momentum}: must be in [0, 1)")
-        if priority_exponent < 0:
-            errors.append(f"priority_exponent={priority_exponent}: must be >= 0")
+    needs_rows = False  # whether entries keep the prompt's batch row (prompt replay)
+    reuses_rollouts = True  # whether stored rollouts are trained on again (they need behaviour log-probs)
+
+    def __init__(self, *, collect_steps: Schedule, replay_start: Schedule | str, adaptive_threshold: float,
+                 window: int, prompt_momentum: float, spend: str, replay_groups: int | None, capacity: int,
+                 max_replays: int, max_age: int | None, advantages: str, advantage_std_floor: float,
+                 require_variance: bool | None, labels: list[str] | None, seed: int, options: dict[str, Any],
+                 errors: list[str] | None = None) -> None:
+        errors = list(errors or [])
+        errors += schedule_errors(collect_steps, "collect_steps") + schedule_errors(replay_start, "replay_start")
+        checks = [(capacity >= 1, f"capacity={capacity}: must be >= 1"),
+                  (max_replays >= 1, f"max_replays={max_replays}: must be >= 1"),
+                  (max_age is None or max_age >= 1, f"max_age={max_age}: must be >= 1 or null"),
+                  (window >= 1, f"window={window}: must be >= 1"),
+                  (replay_groups is None or replay_groups >= 1, f"replay_groups={replay_groups}: must be >= 1"),
+                  (spend in ("add", "fill"), f"spend={spend!r}: choose add or fill"),
+                  (not (spend == "add" and replay_groups is None), "replay_groups=null: only with spend: fill"),
+                  (advantages in ("group", "running"), f"advantages={advantages!r}: choose group or running"),
+                  (advantage_std_floor > 0, f"advantage_std_floor={advantage_std_floor}: must be > 0"),
+                  (0.0 <= prompt_momentum < 1.0, f"prompt_momentum={prompt_momentum}: must be in [0, 1)"),
+                  (0.0 < adaptive_threshold <= 1.0, f"adaptive_threshold={adaptive_threshold}: must be in (0, 1]")]
+        errors += [msg for ok, msg in checks if not ok]
         if errors:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(errors))
-        self.collect_steps_arg = collect_steps
-        self.reward_threshold, self.require_variance = reward_threshold, require_variance
-        self.capacity, self.priority_exponent = capacity, priority_exponent
-        self.max_replays, self.max_age, self.retire_solved = max_replays, max_age, retire_solved
-        self.replay_groups = replay_groups
-        self.options = {"correction": correction, "level": is_level, "cap": is_cap, "weight": replay_loss_weight}
-        self.advantage_mode, self.running_momentum = advantages, running_momentum
+        self.collect_steps_arg, self.replay_start_arg = collect_steps, replay_start
+        self.adaptive_threshold, self.prompt_momentum = adaptive_threshold, prompt_momentum
+        self.spend, self.replay_groups = spend, replay_groups
+        self.max_replays, self.max_age = max_replays, max_age
+        self.advantage_mode, self.advantage_std_floor = advantages, advantage_std_floor
+        self.require_variance = (advantages == "group") if require_variance is None else require_variance
         self.labels = None if labels is None else set(labels)
-        self.seed = seed
-        self.collect_steps: int | None = None
-        self.buffer: list[dict[str, Any]] = []  # {"group": RolloutGroup, "replays": int, "priority": float}
-        self.baseline: dict[str, float] = {}
-        self.totals = {"admitted": 0, "sampled": 0, "evicted": 0, "retired": 0}
-        self._step_log: dict[str, float] = {}
+        self.seed, self.options = seed, {"spend": spend, **options}
+        self.buffer = ReplayBuffer(capacity)
+        self.stats = LabelStats(window)
+        self.success: dict[str, float] = {}  # per prompt: EMA of its fresh group means
+        self.collect_end: int | None = None
+        self.replay_from: int | None = None  # resolved replay_start; adaptive: set once it triggers
+        self.resolved = False
+        self.mu = 1
+        self._batch, self._offered = 0, [[]]  # this step's rollout batch; entry indices offered to each rank
 
-    # ----------------------------------------------------------- decisions
+    # ------------------------------------------------------------- decisions (subclasses)
     def admissible(self, group: RolloutGroup) -> bool:
-        """Whether a fresh group qualifies for the buffer (threshold, variance, label)."""
+        """Whether a fresh group may be stored (label filter, replayable, variance rule)."""
         if self.labels is not None and group.label not in self.labels:
             return False
-        r = group.rewards.float()
-        if self.require_variance and bool((r == r[0]).all()):
+        if self.reuses_rollouts and group.behaviour_logprobs is None:  # left out of its step (fill)
             return False
-        return float(r.mean()) <= self.reward_threshold
+        return not (self.require_variance and zero_variance(group.rewards))
 
-    def priority(self, group: RolloutGroup) -> float:
-        """hardness^α with hardness = 1 − mean reward (a tiny floor keeps every stored group drawable)."""
-        hardness = max(1.0 - float(group.rewards.float().mean()), 1e-3)
-        return hardness ** self.priority_exponent
+    def priority(self, entry: Entry) -> float:
+        """Sampling weight (> 0)."""
+        return 1.0
 
-    def in_collect_phase(self, step: int) -> bool:
-        return self.collect_steps is not None and step < self.collect_steps
+    def eviction_key(self, entry: Entry) -> tuple[float, ...]:
+        """Beyond capacity the lowest keys leave first (default: oldest first)."""
+        return (float(entry.group.step),)
 
-    # --------------------------------------------------------------- hooks
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.collect_steps is None:  # a restored state keeps its resolved value
-            c = self.collect_steps_arg
-            if isinstance(c, float) and c < 1.0:
-                if trainer.max_steps is None or trainer.max_steps < 0:
-                    raise ValueError(f"collect_steps={c} is a fraction of trainer.max_steps, which is not set")
-                c = int(c * trainer.max_steps)
-            self.collect_steps = int(c)
+    def retire(self, entry: Entry) -> bool:
+        """Whether a stored prompt is no longer worth replaying (default: never)."""
+        return False
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        step = trainer.global_step
-        self._step_log = {"replay/phase": 0.0 if self.in_collect_phase(step) else 1.0}
-        self._evict_old(step)
-        if self.in_collect_phase(step) or not self.buffer:
-            self._step_log["replay/sampled"] = 0.0
-            return
-        chosen = self._sample(step, trainer.world_size, trainer.global_rank)
-        batch["replay"] = [self._with_advantages(e["group"]) for e in chosen]
+    def deliver(self, batch: dict[str, Any], entries: list[Entry]) -> None:
+        """Put this rank's drawn entries into the batch (default: as ``batch["replay"]``)."""
+        batch["replay"] = [self.with_advantages(e.group) for e in entries]
         batch["replay_options"] = dict(self.options)
-        ages = [step - e["group"].step for e in chosen]
-        self._step_log.update({"replay/sampled": float(len(chosen)),
-                               "replay/mean_age": float(sum(ages) / len(ages)) if ages else 0.0})
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        groups: list[RolloutGroup] = list((outputs or {}).get("groups") or [])
-        groups = _gather_groups(groups, trainer)
-        self._update_baseline(groups)
-        if self.retire_solved:
-            self._retire(groups)
-        admitted = 0
-        for g in groups:
-            if self.in_collect_phase(g.step) and self.admissible(g):
-                self.buffer.append({"group": g, "replays": 0, "priority": self.priority(g)})
-                admitted += 1
-        self.totals["admitted"] += admitted
-        self._evict_capacity()
-        log = {**self._step_log, "replay/admitted": float(admitted), "replay/buffer_size": float(len(self.buffer)),
-               "replay/admitted_total": float(self.totals["admitted"])}
-        pl_module.log_dict(log, on_step=True, on_epoch=False, batch_size=1)
-
-    # ------------------------------------------------------------- buffer
-    def _sample(self, step: int, world_size: int, rank: int) -> list[dict[str, Any]]:
-        n_total = min(len(self.buffer), self.replay_groups * world_size)
-        w = torch.tensor([e["priority"] for e in self.buffer], dtype=torch.float64)  # [N]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        # Efraimidis-Spirakis: top-n of u^(1/w) is a weighted draw without replacement.
-        u = torch.rand(len(self.buffer), generator=gen, dtype=torch.float64)  # [N]
-        keys = torch.log(u) / w.clamp_min(1e-12)  # [N]
-        order = torch.argsort(keys, descending=True)[:n_total].tolist()
-        chosen = [self.buffer[i] for i in order]
-        for e in chosen:  # every rank counts every replay, so the buffers stay identical
-            e["replays"] += 1
-        self.totals["sampled"] += len(chosen)
-        per_rank = math.ceil(n_total / world_size)
-        mine = chosen[rank * per_rank:(rank + 1) * per_rank]
-        self.buffer = [e for e in self.buffer if e["replays"] < self.max_replays]  # used up after this step
-        return mine
-
-    def _with_advantages(self, g: RolloutGroup) -> RolloutGroup:
+    def with_advantages(self, g: RolloutGroup) -> RolloutGroup:
+        """A copy of a stored group with its replay advantages (``group`` or ``running``)."""
         if self.advantage_mode == "group":
             adv = g.advantages if g.advantages is not None else torch.zeros_like(g.rewards)
         else:
-            adv = g.rewards.float() - self.baseline.get(g.label, float(g.rewards.float().mean()))
+            mean = self.stats.mean(g.label)
+            mean = float(g.rewards.float().mean()) if mean is None else mean
+            adv = running_advantages(g.rewards, mean, self.stats.std(g.label), self.advantage_std_floor)
         return RolloutGroup(**{**g.to_state(), "advantages": adv.float()})
 
-    def _update_baseline(self, groups: list[RolloutGroup]) -> None:
-        m = self.running_momentum
-        for g in groups:
-            r = float(g.rewards.float().mean())
-            old = self.baseline.get(g.label)
-            self.baseline[g.label] = r if old is None else m * old + (1 - m) * r
+    # ------------------------------------------------------------- schedule
+    def collecting(self, batch: int) -> bool:
+        return self.collect_end is None or batch < self.collect_end
 
-    def _retire(self, groups: list[RolloutGroup]) -> None:
-        solved = {g.prompt_id for g in groups if float(g.rewards.float().mean()) > self.reward_threshold}
-        before = len(self.buffer)
-        self.buffer = [e for e in self.buffer if e["group"].prompt_id not in solved]
-        self.totals["retired"] += before - len(self.buffer)
+    def replaying(self, batch: int) -> bool:
+        return self.replay_from is not None and batch >= self.replay_from
 
-    def _evict_old(self, step: int) -> None:
-        if self.max_age is None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        hp = getattr(pl_module, "hparams", {}) or {}
+        self.mu = max(int(hp.get("num_iterations", 1) or 1), 1)
+        if self.resolved:  # a restored state keeps its resolved schedule
             return
-        before = len(self.buffer)
-        self.buffer = [e for e in self.buffer if step - e["group"].step <= self.max_age]
-        self.totals["evicted"] += before - len(self.buffer)
+        total = trainer.max_steps // self.mu if trainer.max_steps is not None and trainer.max_steps > 0 else None
+        self.collect_end = resolve_schedule(self.collect_steps_arg, total, "collect_steps")
+        if self.replay_start_arg != "adaptive":
+            self.replay_from = resolve_schedule(self.replay_start_arg, total, "replay_start")
+        self.resolved = True
 
-    def _evict_capacity(self) -> None:
-        if len(self.buffer) <= self.capacity:
+    # ------------------------------------------------------------- hooks
+    def _per_rank(self, batch: dict[str, Any], world: int) -> int:
+        """Entries drawn for each rank this step."""
+        if self.spend == "fill":
+            return self.replay_groups or len(batch.get("prompt") or []) or 1
+        return int(self.replay_groups)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        world, rank = max(trainer.world_size, 1), trainer.global_rank
+        b = self._batch = trainer.global_step // self.mu
+        self.buffer.tally.new_step()
+        self._offered = [[] for _ in range(world)]
+        self.buffer.evict_old(b, self.max_age, self.mu)
+        if not self.replaying(b) or not len(self.buffer):
             return
-        order = sorted(range(len(self.buffer)), key=lambda i: (self.buffer[i]["priority"], self.buffer[i]["group"].step,
-                                                                -i), reverse=True)
-        keep = sorted(order[: self.capacity])
-        self.totals["evicted"] += len(self.buffer) - len(keep)
-        self.buffer = [self.buffer[i] for i in keep]
+        n_rank = self._per_rank(batch, world)
+        chosen = self.buffer.draw([self.priority(e) for e in self.buffer.entries], n_rank * world,
+                                  self.seed * 1_000_003 + b)
+        per = math.ceil(len(chosen) / world)
+        self._offered = [chosen[r * per:(r + 1) * per] for r in range(world)]
+        for i in chosen:
+            self.buffer.tally.count("sampled", self.buffer.entries[i].group)
+        self.deliver(batch, [self.buffer.entries[i] for i in self._offered[rank]])
 
-    # ---------------------------------------------------------- checkpoint
+    def used_indices(self, outputs: dict[str, Any], offered: list[int]) -> list[int]:
+        """Indices (into this rank's offered entries) the step trained on."""
+        return list(outputs.get("replay_used", range(len(offered))))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        out, b, rank = outputs or {}, self._batch, trainer.global_rank
+        groups: list[RolloutGroup] = list(out.get("groups") or [])
+        rows = _rows(batch, len(groups)) if self.needs_rows else [None] * len(groups)
+        used = self.used_indices(out, self._offered[rank] if rank < len(self._offered) else [])
+        parts = _gather(trainer, ([g.to_state() for g in groups], used, rows))
+        replayed = [self._offered[r][i] for r, (_, u, _) in enumerate(parts) for i in u]
+        ages = [b - self.buffer.entries[i].group.step // self.mu for i in replayed]
+        self.buffer.mark_replayed(replayed, self.max_replays)
+        fresh = [(RolloutGroup.from_state(s), row, self.is_revisit(r, k, len(gs)))
+                 for r, (gs, _, rs) in enumerate(parts) for k, (s, row) in enumerate(zip(gs, rs))]
+        self.observe([(g, revisit) for g, _, revisit in fresh], b)
+        if self.collecting(b):
+            for g, row, _ in fresh:
+                if self.admissible(g):
+                    self.buffer.put(Entry(self.stored(g), self.initial_replays(g), row))
+        self.buffer.drop([not self.retire(e) for e in self.buffer.entries], "retired")
+        self.buffer.evict_capacity([self.eviction_key(e) for e in self.buffer.entries])
+        filled = len(replayed) if self.spend == "fill" else 0
+        self.buffer.tally.add("filled", filled)
+        log = {**self.buffer.tally.log(), **self.buffer.composition(),
+               "replay/phase": float(self.replaying(b)), "replay/fill_fraction": filled / max(len(fresh), 1),
+               "replay/zero_std_groups": float(sum(zero_variance(g.rewards) for g, _, _ in fresh)),
+               "replay/mean_age": sum(ages) / len(ages) if ages else 0.0}
+        pl_module.log_dict(log, on_step=True, on_epoch=False, batch_size=1)
+
+    def is_revisit(self, rank: int, k: int, n: int) -> bool:
+        """Whether rank ``rank``'s ``k``-th of ``n`` fresh groups re-samples a stored prompt (prompt replay)."""
+        return False
+
+    def initial_replays(self, group: RolloutGroup) -> int:
+        """Replay count a newly stored group starts with (default 0: new rollouts, a new budget)."""
+        return 0
+
+    def stored(self, group: RolloutGroup) -> RolloutGroup:
+        """What the buffer keeps of an admitted group (default: all of it)."""
+        return group
+
+    def observe(self, groups: list[tuple[RolloutGroup, bool]], batch: int) -> None:
+        """Update label statistics (fresh draws only), prompt moving averages and the adaptive start."""
+        m = self.prompt_momentum
+        for g, revisit in groups:
+            if not revisit:  # revisited prompts are a biased sample of their label
+                self.stats.add(g.label, g.rewards)
+            r, old = float(g.rewards.float().mean()), self.success.get(g.prompt_id)
+            self.success[g.prompt_id] = r if old is None else m * old + (1 - m) * r
+        if self.replay_start_arg == "adaptive" and self.replay_from is None:
+            if any(self.stats.full(lab) and self.stats.zero_std_fraction(lab) >= self.adaptive_threshold
+                   for lab in self.stats.rewards):
+                self.replay_from = batch + 1
+
+    # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain types only (loads with ``torch.load(weights_only=True)``)."""
-        return {
-            "buffer": [{"group": e["group"].to_state(), "replays": e["replays"], "priority": e["priority"]}
-                       for e in self.buffer],
-            "baseline": dict(self.baseline), "totals": dict(self.totals), "collect_steps": self.collect_steps,
-            "seed": self.seed,
-        }
+        state = self.buffer.state_dict()
+        return {"buffer": state["entries"], "totals": state["totals"], "prompt_replays": state["prompt_replays"],
+                "stats": self.stats.state_dict(), "success": dict(self.success), "collect_end": self.collect_end,
+                "replay_from": self.replay_from, "resolved": self.resolved, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffer = [{"group": RolloutGroup.from_state(e["group"]), "replays": int(e["replays"]),
-                        "priority": float(e["priority"])} for e in state["buffer"]]
-        self.baseline = dict(state["baseline"])
-        self.totals = dict(state["totals"])
-        self.collect_steps = state["collect_steps"]
-        self.seed = int(state["seed"])
+        self.buffer.load_state_dict({"entries": state["buffer"], "totals": state["totals"],
+                                     "prompt_replays": state["prompt_replays"]})
+        self.stats.load_state_dict(state["stats"])
+        self.success = {k: float(v) for k, v in state["success"].items()}
+        self.collect_end, self.replay_from = state["collect_end"], state["replay_from"]
+        self.resolved, self.seed = bool(state["resolved"]), int(state["seed"])
 
 
-class RandomReplayCallback(HardCaseReplayCallback):
-    """Ablation: admits every fresh group of the collect phase regardless of reward, samples uniformly.
+class HardCaseReplayCallback(ReplayCallback):
+    """ReRULE: stores hard rollout groups (label-relative) and replays them with an off-policy correction.
 
-    Same storage, sampling and correction as :class:`HardCaseReplayCallback`; only admission and priority
-    differ, so the comparison isolates the value of choosing *hard* groups.
+    Args:
+        hardness: ``margin`` (mean < label running mean − ``margin``) or ``quantile`` (mean in the label's lowest
+            ``quantile`` of recent group means, and below the label's running mean). :mod:`callbacks.buffer`.
+        margin: For ``hardness: margin``.
+        quantile: For ``hardness: quantile``, in (0, 1).
+        reward_threshold: Absolute thresholds (mean ≤ threshold is hard) replacing the rule: one float for
+            every label, or ``{label: float}`` for some labels; ``None``: the rule for every label.
+        window: Recent fresh groups per label behind its running mean, std, quantiles and zero-variance fraction.
+        prompt_momentum: EMA momentum of each prompt's moving average of fresh group means (weight of the past).
+        retire_solved: Retire a stored prompt once its moving average is no longer hard.
+        collect_steps: Admit only in the first this many rollout batches (count, or fraction of the run);
+            ``None``: collect throughout.
+        replay_start: First rollout batch that replays (count or fraction), or ``adaptive`` (see
+            ``adaptive_threshold``).
+        adaptive_threshold: ``adaptive`` start: a label's fraction of zero-variance groups over a full window.
+        spend: ``add`` (stored groups added to the step) or ``fill`` (they take the slots of fresh zero-variance
+            groups, which are left out; at most B·G sequences per step).
+        replay_groups: Stored groups offered per rank per step (``fill``: at most; ``null`` = local batch size).
+        capacity: Most groups held (one per prompt).
+        priority_exponent: α in priority = (gap + 0.05)^α / (1 + replays of the prompt)^``replay_penalty``,
+            gap = how far the prompt's moving average lies below its label's running mean (or threshold).
+        replay_penalty: Exponent of the few-replays factor of the priority.
+        max_replays: Times a stored group may be replayed before it leaves.
+        max_age: Evict groups sampled more than this many rollout batches ago (``None`` = never).
+        correction: ``truncated`` (−sg(min(ρ, c̄))·A·log π), ``clipped`` (PPO surrogate against the behaviour
+            policy, with the module's dual clip) or ``none`` (ρ ≡ 1, the naive ablation).
+        is_level: Importance ratio per ``token`` or per ``sequence`` (geometric mean of token ratios).
+        is_cap: c̄, the truncation cap of ``truncated``.
+        advantages: ``running`` ((r − label mean) / label std, fresh scale; zero-variance groups admitted) or
+            ``group`` (stored group-normalised advantages; zero-variance groups refused).
+        advantage_std_floor: Least label std used by ``running`` advantages.
+        replay_loss_weight: Per-token weight of replayed tokens under the shared normaliser (module docstring).
+        require_variance: Refuse zero-variance groups (``None``: only with ``advantages: group``).
+        labels: Prompt labels that may be admitted (``None`` = all), e.g. ``[boundary]``.
+        seed: Seed of replay sampling.
     """
 
+    def __init__(self, hardness: Literal["margin", "quantile"] = "margin", margin: float = 0.1,
+                 quantile: float = 0.25, reward_threshold: float | dict[str, float] | None = None,
+                 window: int = 64, prompt_momentum: float = 0.5, retire_solved: bool = True,
+                 collect_steps: int | float | None = None, replay_start: int | float | Literal["adaptive"] = 0.1,
+                 adaptive_threshold: float = 0.5, spend: Literal["add", "fill"] = "add",
+                 replay_groups: int | None = 2, capacity: int = 256, priority_exponent: float = 1.0,
+                 replay_penalty: float = 1.0, max_replays: int = 3, max_age: int | None = None,
+                 correction: Literal["truncated", "clipped", "none"] = "truncated",
+                 is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
+                 advantages: Literal["group", "running"] = "running", advantage_std_floor: float = 0.1,
+                 replay_loss_weight: float = 1.0, require_variance: bool | None = None,
+                 labels: list[str] | None = None, seed: int = 0) -> None:
+        errors = [msg for ok, msg in [
+            (hardness in ("margin", "quantile"), f"hardness={hardness!r}: choose margin or quantile"),
+            (0.0 < quantile < 1.0, f"quantile={quantile}: must be in (0, 1)"),
+            (priority_exponent >= 0, f"priority_exponent={priority_exponent}: must be >= 0"),
+            (replay_penalty >= 0, f"replay_penalty={replay_penalty}: must be >= 0")] if not ok]
+        errors += option_errors(correction, is_level, is_cap, replay_loss_weight)
+        super().__init__(collect_steps=collect_steps, replay_start=replay_start,
+                         adaptive_threshold=adaptive_threshold, window=window, prompt_momentum=prompt_momentum,
+                         spend=spend, replay_groups=replay_groups, capacity=capacity, max_replays=max_replays,
+                         max_age=max_age, advantages=advantages, advantage_std_floor=advantage_std_floor,
+                         require_variance=require_variance, labels=labels, seed=seed, errors=errors,
+                         options={"correction": correction, "level": is_level, "cap": is_cap,
+                                  "weight": replay_loss_weight})
+        thresholds = {} if reward_threshold is None else (
+            {"*": float(reward_threshold)} if isinstance(reward_threshold, (int, float)) else
+            {k: float(v) for k, v in reward_threshold.items()})
+        self.hardness = Hardness(hardness, margin, quantile, thresholds)
+        self.priority_exponent, self.replay_penalty = priority_exponent, replay_penalty
+        self.retire_solved = retire_solved
+
+    def hard(self, value: float, label: str) -> bool:
+        return self.hardness.is_hard(value, label, self.stats)
+
     def admissible(self, group: RolloutGroup) -> bool:
-        if self.labels is not None and group.label not in self.labels:
-            return False
-        r = group.rewards.float()
-        return not (self.require_variance and bool((r == r[0]).all()))
+        """Hard by its own mean, and its prompt's moving average hard too (no storing a usually solved prompt
+        for one unlucky group); plus the base rules (label filter, replayable, variance)."""
+        return (super().admissible(group) and self.hard(float(group.rewards.float().mean()), group.label)
+                and self.hard(self.success[group.prompt_id], group.label))
 
-    def priority(self, group: RolloutGroup) -> float:
-        return 1.0
+    def priority(self, entry: Entry) -> float:
+        g = entry.group
+        gap = self.hardness.gap(self.success.get(g.prompt_id, float(g.rewards.float().mean())), g.label, self.stats)
+        replays = self.buffer.prompt_replays.get(g.prompt_id, 0)
+        return (gap + 0.05) ** self.priority_exponent / (1.0 + replays) ** self.replay_penalty
+
+    def eviction_key(self, entry: Entry) -> tuple[float, ...]:
+        return (self.priority(entry), float(entry.group.step))
+
+    def retire(self, entry: Entry) -> bool:
+        g = entry.group
+        return self.retire_solved and not self.hard(self.success.get(g.prompt_id, 1.0), g.label)
 
 
-def _gather_groups(groups: list[RolloutGroup], trainer: L.Trainer) -> list[RolloutGroup]:
-    """All ranks' fresh groups, in rank order (identical on every rank); a no-op on one process."""
+class RandomReplayCallback(ReplayCallback):
+    """Ablation: replay independent of hardness. Every fresh group (one per prompt, the newest) is stored while
+    collecting, sampling is uniform, the oldest leave first beyond capacity, and nothing retires on a reward
+    rule; spending, correction and advantages are those of :class:`HardCaseReplayCallback`, so the comparison
+    isolates the value of choosing *hard* groups.
+
+    Args:
+        window: Recent fresh groups per label behind ``running`` advantages and the ``adaptive`` start.
+        collect_steps: Store only in the first this many rollout batches (count or fraction); ``None``: always.
+        replay_start: First rollout batch that replays (count or fraction), or ``adaptive``.
+        adaptive_threshold: ``adaptive`` start: a label's fraction of zero-variance groups over a full window.
+        spend: ``add`` or ``fill`` (as :class:`HardCaseReplayCallback`).
+        replay_groups: Stored groups offered per rank per step (``fill``: at most; ``null`` = local batch size).
+        capacity: Most groups held (one per prompt); the oldest leave first.
+        max_replays: Times a stored group may be replayed before it leaves.
+        max_age: Evict groups sampled more than this many rollout batches ago (``None`` = never).
+        correction: ``truncated``, ``clipped`` or ``none``.
+        is_level: Importance ratio per ``token`` or per ``sequence``.
+        is_cap: c̄, the truncation cap of ``truncated``.
+        advantages: ``running`` or ``group``.
+        advantage_std_floor: Least label std used by ``running`` advantages.
+        replay_loss_weight: Per-token weight of replayed tokens under the shared normaliser.
+        require_variance: Refuse zero-variance groups (``None``: only with ``advantages: group``).
+        labels: Prompt labels that may be stored (``None`` = all).
+        seed: Seed of replay sampling.
+    """
+
+    def __init__(self, window: int = 64, collect_steps: int | float | None = None,
+                 replay_start: int | float | Literal["adaptive"] = 0.1, adaptive_threshold: float = 0.5,
+                 spend: Literal["add", "fill"] = "add", replay_groups: int | None = 2, capacity: int = 256,
+                 max_replays: int = 3, max_age: int | None = None,
+                 correction: Literal["truncated", "clipped", "none"] = "truncated",
+                 is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
+                 advantages: Literal["group", "running"] = "running", advantage_std_floor: float = 0.1,
+                 replay_loss_weight: float = 1.0, require_variance: bool | None = None,
+                 labels: list[str] | None = None, seed: int = 0) -> None:
+        super().__init__(collect_steps=collect_steps, replay_start=replay_start,
+                         adaptive_threshold=adaptive_threshold, window=window, prompt_momentum=0.5, spend=spend,
+                         replay_groups=replay_groups, capacity=capacity, max_replays=max_replays, max_age=max_age,
+                         advantages=advantages, advantage_std_floor=advantage_std_floor,
+                         require_variance=require_variance, labels=labels, seed=seed,
+                         errors=option_errors(correction, is_level, is_cap, replay_loss_weight),
+                         options={"correction": correction, "level": is_level, "cap": is_cap,
+                                  "weight": replay_loss_weight})
+
+
+def _rows(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The batch's n prompt rows (every per-prompt column), as plain dicts."""
+    cols = [k for k, v in batch.items() if k not in ("replay", "replay_options") and isinstance(v, list) and len(v) == n]
+    return [{k: batch[k][i] for k in cols} for i in range(n)]
+
+
+def _gather(trainer: L.Trainer, payload: Any) -> list[Any]:
+    """Every rank's payload, in rank order (identical on every rank); ``[payload]`` on one process."""
     if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return groups
+        return [payload]
     gathered: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(gathered, [g.to_state() for g in groups])
-    return [RolloutGroup.from_state(s) for part in gathered for s in part]
+    torch.distributed.all_gather_object(gathered, payload)
+    return gathered

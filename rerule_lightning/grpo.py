@@ -4,7 +4,7 @@ Objective. For B completions of length L (completion mask M), behaviour/old log-
 sequence advantages A and token ratio ρ_t = exp(log π_θ − log π_old), the per-token loss is
 
     ℓ_t = −min(ρ_t·A, clip(ρ_t, 1−ε_low, 1+ε_high)·A) + β·KL_t,
-    KL_t = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1        (k3, the log-ratio clamped to ±10)
+    KL_t = min(exp(d_t) − d_t − 1, 10),   d_t = clamp(log π_ref − log π_θ, ±20)        (k3, verl's clamps)
 
 with, optionally, the dual clip for A < 0 (the loss is capped at −c·A). The scalar loss aggregates ℓ·M:
 
@@ -18,12 +18,15 @@ Advantages are group-relative: A = r − mean_group(r), divided by the group's B
 
 ReRULE's replayed groups were sampled by an older policy, so :func:`off_policy_loss` corrects them with
 importance weights ρ = π_θ / π_behaviour: truncated (−sg(min(ρ, c̄))·A·log π_θ), PPO-clipped against the
-behaviour policy, or none (ρ ≡ 1), at token or sequence level.
+behaviour policy (with the dual clip), or none (ρ ≡ 1), at token or sequence level. Fresh and replayed
+sequences share one normaliser (:func:`aggregate_parts`): each part's per-token loss is multiplied by its
+weight and the union of the parts is reduced as if it were one batch.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -88,19 +91,24 @@ def kind_signal(rewards: torch.Tensor, kinds: list[str]) -> dict[str, torch.Tens
     return out
 
 
-def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float = 10.0) -> Tensor:
-    """Per-token k3 estimate of KL(π_θ ‖ π_ref): exp(d) − d − 1 with d = clamp(ref_logp − logp, ±clamp).
+def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float = 20.0, bound: float = 10.0) -> Tensor:
+    """Per-token k3 estimate of KL(π_θ ‖ π_ref), as verl's ``low_var_kl`` (RULE's released setting).
+
+    min(exp(d) − d − 1, bound) with d = clamp(ref_logp − logp, ±clamp): the log-ratio is clamped first (exp
+    stays finite), then the estimate itself (k3 ≥ 0, so only the upper bound binds). Where either clamp binds
+    the token gives no KL gradient.
 
     Args:
         logp: ``[B, L]`` policy log-probs.
         ref_logp: ``[B, L]`` reference log-probs.
-        clamp: Bound on |d| (RULE uses 10), keeping exp(d) finite.
+        clamp: Bound on |d| (verl: 20).
+        bound: Upper bound of the estimate (verl, RULE: 10).
 
     Returns:
-        ``[B, L]`` non-negative estimates, 0 where the two agree.
+        ``[B, L]`` estimates in [0, bound], 0 where the two agree.
     """
     d = (ref_logp - logp).clamp(-clamp, clamp)  # [B, L]
-    return torch.exp(d) - d - 1.0  # [B, L]
+    return (torch.exp(d) - d - 1.0).clamp(max=bound)  # [B, L]
 
 
 def _per_sequence(advantages: Tensor, like: Tensor) -> Tensor:
@@ -192,15 +200,86 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str, max_completi
     return masked.sum() / denom
 
 
+def aggregate_parts(parts: Sequence[tuple[Tensor, Tensor, float]], loss_type: str,
+                    max_completion_length: int | None = None, num_active_tokens: float | None = None) -> Tensor:
+    """One normaliser over several parts of a step (fresh and replayed sequences), each with a per-token weight.
+
+    The parts' per-token losses are multiplied by their weights, right-padded to one length and stacked, and
+    the union is reduced by :func:`aggregate_loss` as one batch: with weights w_i per sequence,
+    ``bnpo`` / ``dapo`` give Σ_i w_i Σ_t ℓ_it M_it / N (N = Σ M over the union, or ``num_active_tokens``),
+    ``grpo`` gives (1 / n) Σ_i w_i (Σ_t ℓ_it M_it / Σ_t M_it) over the n sequences of the union, ``dr_grpo``
+    gives Σ_i w_i Σ_t ℓ_it M_it / (n × max_completion_length). A single part of weight 1 is exactly
+    :func:`aggregate_loss`.
+
+    Args:
+        parts: ``(per_token [N_k, L_k], mask [N_k, L_k], weight)`` per part.
+        loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
+        max_completion_length: For ``dr_grpo`` (default: the longest part's L).
+        num_active_tokens: For ``dapo``: active tokens of the union across processes / processes.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: With no part.
+    """
+    if not parts:
+        raise ValueError("aggregate_parts needs at least one part")
+    if len(parts) == 1 and parts[0][2] == 1.0:
+        return aggregate_loss(parts[0][0], parts[0][1], loss_type, max_completion_length, num_active_tokens)
+    length = max(p.size(1) for p, _, _ in parts)
+    dtype = parts[0][0].dtype
+    per_token = torch.cat([torch.nn.functional.pad(p * w, (0, length - p.size(1))) for p, _, w in parts])  # [N, L]
+    mask = torch.cat([torch.nn.functional.pad(m.to(dtype), (0, length - m.size(1))) for _, m, _ in parts])  # [N, L]
+    return aggregate_loss(per_token, mask, loss_type, max_completion_length, num_active_tokens)
+
+
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     m = mask.to(x.dtype)  # [B, L]
     return torch.where(m > 0, x * m, torch.zeros_like(x)).sum() / m.sum().clamp(min=1.0)
 
 
+def grpo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                    ref_logp: Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
+                    dual_clip: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's per-token loss (clipped surrogate + β·k3 KL) before aggregation, with its statistics.
+
+    Args and stats as :func:`grpo_loss`.
+
+    Returns:
+        ``(per_token [B, L], stats)``.
+    """
+    if logp.shape != old_logp.shape or logp.shape != mask.shape:
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same [B, L] shape")
+    # Masked-out positions compare logp with itself (ratio 1, KL 0): garbage there (say -1e4 from a padded
+    # position) would otherwise overflow exp() and turn the zero gradient into 0 · inf = NaN.
+    valid = mask > 0  # [B, L]
+    old_logp = torch.where(valid, old_logp, logp.detach())  # [B, L]
+    per_token, _ = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high, dual_clip)  # [B, L]
+    kl_stat = logp.new_zeros(())
+    if ref_logp is not None:
+        kl = k3_kl(logp, torch.where(valid, ref_logp, logp).detach())  # [B, L]
+        if beta != 0.0:
+            per_token = per_token + beta * kl  # [B, L]
+        kl_stat = _masked_mean(kl.detach(), mask)
+    with torch.no_grad():
+        ratio = torch.exp(logp - old_logp)  # [B, L]
+        low, high = _clip_masks(ratio, _per_sequence(advantages, logp).to(logp.dtype), eps_low, eps_high)
+        stats = {
+            "kl": kl_stat,
+            "clip_ratio/low_mean": _masked_mean(low.to(logp.dtype), mask),
+            "clip_ratio/high_mean": _masked_mean(high.to(logp.dtype), mask),
+            "clip_ratio/region_mean": _masked_mean((low | high).to(logp.dtype), mask),
+        }
+    return per_token, stats
+
+
 def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, ref_logp: Tensor | None = None,
               beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float | None = None,
               loss_type: str = "dapo", max_completion_length: int | None = None,
-              num_active_tokens: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              num_active_tokens: float | None = None,
+              extra: Sequence[tuple[Tensor, Tensor, float]] = ()) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO loss: clipped surrogate + β·k3 KL, aggregated with ``loss_type``.
 
     Args:
@@ -217,43 +296,24 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
         dual_clip: Dual-clip constant (> 1) or ``None``.
         loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (see :func:`aggregate_loss`).
         max_completion_length: For ``dr_grpo``.
-        num_active_tokens: For ``dapo``.
+        num_active_tokens: For ``dapo`` (active tokens of this part and of ``extra``, across processes).
+        extra: Further ``(per_token, mask, weight)`` parts (replayed sequences) reduced with the same
+            normaliser as these sequences (:func:`aggregate_parts`); empty: :func:`aggregate_loss` alone.
 
     Returns:
-        ``(loss, stats)``; stats are detached scalars: ``kl`` (masked mean, 0 without a reference),
-        ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (masked fractions of
-        tokens where the low / high / either clip binds).
+        ``(loss, stats)``; stats are detached scalars over *these* sequences: ``kl`` (masked mean, 0 without a
+        reference), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (masked
+        fractions of tokens where the low / high / either clip binds).
     """
-    if logp.shape != old_logp.shape or logp.shape != mask.shape:
-        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
-                         f"{tuple(mask.shape)} must have the same [B, L] shape")
-    # Masked-out positions compare logp with itself (ratio 1, KL 0): garbage there (say -1e4 from a padded
-    # position) would otherwise overflow exp() and turn the zero gradient into 0 · inf = NaN.
-    valid = mask > 0  # [B, L]
-    old_logp = torch.where(valid, old_logp, logp.detach())  # [B, L]
-    per_token, _ = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high, dual_clip)  # [B, L]
-    kl_stat = logp.new_zeros(())
-    if ref_logp is not None:
-        kl = k3_kl(logp, torch.where(valid, ref_logp, logp).detach())  # [B, L]
-        if beta != 0.0:
-            per_token = per_token + beta * kl  # [B, L]
-        kl_stat = _masked_mean(kl.detach(), mask)
-    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, num_active_tokens)
-    with torch.no_grad():
-        ratio = torch.exp(logp - old_logp)  # [B, L]
-        low, high = _clip_masks(ratio, _per_sequence(advantages, logp).to(logp.dtype), eps_low, eps_high)
-        stats = {
-            "kl": kl_stat,
-            "clip_ratio/low_mean": _masked_mean(low.to(logp.dtype), mask),
-            "clip_ratio/high_mean": _masked_mean(high.to(logp.dtype), mask),
-            "clip_ratio/region_mean": _masked_mean((low | high).to(logp.dtype), mask),
-        }
+    per_token, stats = grpo_token_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta,
+                                       eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)  # [B, L]
+    loss = aggregate_parts([(per_token, mask, 1.0), *extra], loss_type, max_completion_length, num_active_tokens)
     return loss, stats
 
 
 def off_policy_loss(logp: Tensor, behaviour_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                     correction: str = "truncated", level: str = "token", cap: float = 2.0, eps_low: float = 0.2,
-                    eps_high: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+                    eps_high: float = 0.2, dual_clip: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Importance-corrected policy-gradient loss per token for replayed (off-policy) groups.
 
     The importance weight is ρ = π_θ / π_behaviour. At ``token`` level ρ_t = exp(logp_t − behaviour_t). At
@@ -264,8 +324,9 @@ def off_policy_loss(logp: Tensor, behaviour_logp: Tensor, advantages: Tensor, ma
 
     Corrections:
         * ``truncated``: ℓ = −sg(min(ρ, cap))·A·logp (truncated IS; the gradient is −min(ρ, cap)·A·∇logp).
-        * ``clipped``: PPO's clipped surrogate against the behaviour policy (:func:`clipped_surrogate`); at
-          sequence level the ratio is the geometric-mean sequence ratio, differentiable through every token.
+        * ``clipped``: PPO's clipped surrogate against the behaviour policy (:func:`clipped_surrogate`), with
+          the dual clip for A < 0 (the loss of a token is at most −c·A however large ρ grows); at sequence
+          level the ratio is the geometric-mean sequence ratio, differentiable through every token.
         * ``none``: ρ ≡ 1, ℓ = −A·logp (the naive ablation).
 
     Args:
@@ -278,6 +339,7 @@ def off_policy_loss(logp: Tensor, behaviour_logp: Tensor, advantages: Tensor, ma
         cap: Truncation level c̄ (> 0) for ``truncated``; also the threshold of ``truncated_frac``.
         eps_low: Lower clip width for ``clipped``.
         eps_high: Upper clip width for ``clipped``.
+        dual_clip: Dual-clip constant c > 1 for ``clipped`` (``None``: none).
 
     Returns:
         ``(per_token_loss [B, L], stats)``: aggregate the loss with :func:`aggregate_loss`. Stats are
@@ -308,7 +370,8 @@ def off_policy_loss(logp: Tensor, behaviour_logp: Tensor, advantages: Tensor, ma
         weight = torch.exp(log_ratio.detach()).clamp(max=cap)  # [B, L]
         loss = -weight * adv * logp  # [B, L]
     elif correction == "clipped":
-        loss, _ = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), adv, eps_low, eps_high)  # [B, L]
+        loss, _ = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), adv, eps_low, eps_high,
+                                    dual_clip)  # [B, L]
     else:
         loss = -adv * logp  # [B, L]
 
@@ -330,4 +393,5 @@ def off_policy_loss(logp: Tensor, behaviour_logp: Tensor, advantages: Tensor, ma
 
 
 __all__ = ["ADVANTAGE_SCALES", "LOSS_TYPES", "OFF_POLICY_CORRECTIONS", "OFF_POLICY_LEVELS", "aggregate_loss",
-           "clipped_surrogate", "group_advantages", "grpo_loss", "k3_kl", "kind_signal", "off_policy_loss", "token_logprobs"]
+           "aggregate_parts", "clipped_surrogate", "group_advantages", "grpo_loss", "grpo_token_loss", "k3_kl",
+           "kind_signal", "off_policy_loss", "token_logprobs"]

@@ -1,14 +1,36 @@
 """``GRPOUnlearningModule``: RULE's refusal-boundary optimisation as a Lightning module.
 
-Objective (per rollout batch of B prompts × G completions, tokens t of completion i):
+Objective (per rollout batch of B prompts × G completions). A step trains on the fresh sequences F it forwards
+and the replayed ones R a replay callback supplied (``batch["replay"]``), with per-token losses
 
-    L = norm( Σ_t M_it · [ −min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i) + β · KL3_it ] )
-        + w_replay · norm( Σ_t M_jt · ℓ^off_jt )          (replayed groups j, if a callback supplies any)
+    fresh i ∈ F:     ℓ_it = −min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i)  [dual clip if A_i < 0]  + β·KL3_it
+    replayed j ∈ R:  ℓ_jt = ℓ^off_jt + β·KL3_jt
 
-with ρ = π_θ / π_old, A_i the group-normalised reward advantage, KL3 the k3 estimator against the
-reference (the rejection-steered model; under (Q)LoRA the same weights with adapters disabled), ``norm``
-one of grpo / bnpo / dr_grpo / dapo, and ℓ^off the importance-corrected loss of
-:func:`rerule_lightning.grpo.off_policy_loss`.
+and per-token weights w = 1 (fresh), w = ``replay_loss_weight`` (replayed), under ONE normaliser over S = F ∪ R
+(:func:`rerule_lightning.grpo.aggregate_parts`):
+
+    dapo: L = Σ_{i∈S} w_i Σ_t M_it ℓ_it / N_S  (N_S = tokens of S, summed across processes / processes);
+    bnpo: the same with the local N_S;  grpo: (1/|S|) Σ_{i∈S} w_i Σ_t M_it ℓ_it / Σ_t M_it;
+    dr_grpo: Σ_{i∈S} w_i Σ_t M_it ℓ_it / (|S| · max_new_tokens).
+
+A replayed token weighs ``replay_loss_weight`` fresh tokens whatever the buffer mix (two replayed groups beside
+sixteen fresh ones: 2/18 of the step at equal lengths and weight 1). ρ = π_θ / π_old; A_i the group-normalised
+advantage; KL3 the k3 estimator with verl's clamps (log-ratio ±20, estimate ≤ 10) against the reference (the
+rejection-steered model; under (Q)LoRA the same weights with adapters disabled); ℓ^off the importance-corrected
+loss of :func:`rerule_lightning.grpo.off_policy_loss` against the stored behaviour log-probs. Without a replay
+callback S = F = every fresh sequence: RULE, exactly.
+
+Spending (``batch["replay_options"]["spend"]``): ``add`` trains on every supplied group besides the B fresh ones.
+``fill`` gives each fresh group whose G rewards are all equal (zero advantage, no policy gradient) to the next
+supplied group, in the callback's order, until either runs out. Those fresh groups are **not forwarded at all**
+(no policy pass, no reference pass), so their KL term goes with them: the KL covers exactly the forwarded
+sequences, and a step forwards and back-propagates at most B·G sequences. Unreplaced zero-variance groups stay
+(KL only). Left-out groups reach the callback with ``behaviour_logprobs = None``: they cannot be replayed.
+``outputs["replay_used"]`` lists the indices of the supplied groups the step trained on.
+
+μ > 1 (``num_iterations``): Lightning counts every optimizer step in ``trainer.global_step``, so ``max_steps``
+optimizer steps are ``max_steps // μ`` rollout batches and ``global_step // μ`` is the rollout batch index (the
+datamodule and replay callbacks count in it). The μ iterations reuse the batch's rollouts and replayed groups.
 
 Deviations from RULE's released settings, all deliberate and configurable:
 
@@ -43,15 +65,14 @@ from rerule_lightning.checkpointing import check_state_dict_matches
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
 from rerule_lightning.grpo import (
-    aggregate_loss,
     group_advantages,
     grpo_loss,
     k3_kl,
     kind_signal,
     off_policy_loss,
-    token_logprobs,
 )
 from rerule_lightning.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
+from rerule_lightning.logprobs import token_logprobs
 from rerule_lightning.policy import (
     PolicyConfig,
     build_policy,
@@ -61,7 +82,15 @@ from rerule_lightning.policy import (
     reference_context,
 )
 from rerule_lightning.rewards import get_reward_fn
-from rerule_lightning.rollout import RolloutGroup, completion_mask_from_ids, pack_sequences
+from rerule_lightning.rollout import (
+    RolloutGroup,
+    completion_mask_from_ids,
+    keep_groups,
+    pack_sequences,
+    replay_slots,
+    split_groups,
+    stack_groups,
+)
 
 
 class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
@@ -78,11 +107,13 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         learning_rate: AdamW learning rate (constant).
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient-norm clip (``self.clip_gradients``); 0 disables.
-        num_iterations: μ, optimizer steps per rollout batch, reusing the rollouts against π_old.
-        beta: KL coefficient (k3 estimator, clamped to ±10); 0 skips the reference pass entirely.
+        num_iterations: μ, optimizer steps per rollout batch, reusing the rollouts against π_old (each one
+            counts in ``trainer.global_step``).
+        beta: KL coefficient (k3 estimator, verl's clamps); 0 skips the reference pass entirely.
         epsilon_low: Lower clip range ε_low.
         epsilon_high: Upper clip range ε_high.
-        dual_clip: Dual-clip constant for negative advantages (``None`` disables).
+        dual_clip: Dual-clip constant for negative advantages (``None`` disables); also applies to replayed
+            groups under the ``clipped`` correction.
         loss_type: Normaliser: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
         scale_rewards: Advantage scaling: ``group``, ``batch`` or ``none``.
         reward: Reward function name in :data:`rerule_lightning.rewards.REWARD_FUNCTIONS`.
@@ -238,31 +269,45 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         adv = advantages.reshape(-1)  # [B*G]
         p_ids = [x for x in prompt_ids for _ in range(g)]
 
+        supplied: list[RolloutGroup] = list(batch.get("replay") or [])
+        opts = dict(batch.get("replay_options") or {})
+        used, left_out = replay_slots(rewards, len(supplied), opts.get("spend", "add"))
+        replay = [supplied[i] for i in used]
+        kept = sorted(set(range(b)) - set(left_out))
+        f_pids, f_ids, f_mask, f_adv = p_ids, completion_ids, mask, adv  # [B*G, T], [B*G, T], [B*G]
+        if left_out:  # fill: the replaced zero-variance groups are not forwarded at all
+            f_pids, f_ids, f_mask, f_adv = keep_groups(kept, g, p_ids, completion_ids, mask, adv)  # K*G rows
+
         ref_logp = None
-        if h.beta > 0:
+        if h.beta > 0 and f_pids:
             with torch.no_grad():
-                ref_logp, _ = self.sequence_logprobs(p_ids, completion_ids, mask, reference=True)  # [B*G, T']
-        replay: list[RolloutGroup] = list(batch.get("replay") or [])
+                ref_logp, _ = self.sequence_logprobs(f_pids, f_ids, f_mask, reference=True)  # [K*G, T']
         replayed = self.replay_inputs(replay) if replay else None
         opt = self.optimizers()
         old_logp = None
         skipped = False
         stats: dict[str, torch.Tensor] = {}
-        active = mask.sum()
+        active = f_mask.sum() if replayed is None else f_mask.sum() + replayed["completion_mask"].sum()
         if self.trainer.world_size > 1:
             active = self.all_gather(active).sum() / self.trainer.world_size
+        weight = float(opts.get("weight", 1.0))
         for _ in range(h.num_iterations):
-            logp, m = self.sequence_logprobs(p_ids, completion_ids, mask)  # [B*G, T']
+            if f_pids:
+                logp, m = self.sequence_logprobs(f_pids, f_ids, f_mask)  # [K*G, T']
+            else:  # every fresh group was replaced: only the replayed sequences are trained on
+                logp = m = torch.zeros(0, 1, device=self.device)  # [0, 1]
             if old_logp is None:
                 old_logp = logp.detach()
-            loss, stats = grpo_loss(logp, old_logp, adv, m, ref_logp=ref_logp, beta=h.beta,
+            extra = []
+            r_stats: dict[str, torch.Tensor] = {}
+            if replayed is not None:
+                r_tok, r_mask, r_stats = self.replay_loss(replayed, opts)  # [R*G, T''] x2
+                extra.append((r_tok, r_mask, weight))
+            loss, stats = grpo_loss(logp, old_logp, f_adv, m, ref_logp=ref_logp, beta=h.beta,
                                     eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip,
                                     loss_type=h.loss_type, max_completion_length=h.max_new_tokens,
-                                    num_active_tokens=float(active))
-            if replayed is not None:
-                r_loss, r_stats = self.replay_loss(replayed, batch.get("replay_options") or {})
-                loss = loss + r_loss
-                stats.update(r_stats)
+                                    num_active_tokens=float(active), extra=extra)
+            stats.update(r_stats)
             opt.zero_grad()
             self.manual_backward(loss)  # also with a non-finite loss: under DDP every rank must all-reduce
             finite = all_finite([loss.detach()]) and grads_finite(self.model.parameters())
@@ -280,9 +325,11 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         self.log("train/nonfinite_skipped", float(self.nonfinite.total), on_step=True, on_epoch=False, batch_size=b)
         # nothing from a skipped step reaches a replay buffer (NaN behaviour log-probs / rewards)
         groups = [] if skipped else self._groups(batch, prompt_ids, completion_ids, mask, old_logp, rewards,
-                                                 advantages, texts, step=sampled_at, ref_logp=ref_logp)
+                                                 advantages, texts, step=sampled_at, ref_logp=ref_logp, kept=kept)
+        if supplied:
+            stats["sequences_trained"] = torch.tensor(float((len(kept) + len(replay)) * g))
         self._log_step(loss, stats, rewards, mask, batch, b)
-        return {"loss": loss.detach(), "groups": groups}
+        return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
 
     def _stop_if_nonfinite_exhausted(self) -> None:
         """After ``max_consecutive_nonfinite`` skipped steps in a row: save the last good state and stop."""
@@ -315,39 +362,30 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         Args:
             replay: Groups placed in ``batch["replay"]`` by a replay callback, ``advantages`` set.
         """
-        dev = self.device
-        prompts = [grp.prompt_ids.to(dev) for grp in replay]  # one transfer per group, shared by its G rows
-        p_ids = [x for x, grp in zip(prompts, replay) for _ in range(grp.num_completions)]
-        t = max(grp.completion_ids.size(1) for grp in replay)
-
-        def cat(name: str, fill: float) -> torch.Tensor:
-            xs = [getattr(grp, name) for grp in replay]
-            return torch.cat([torch.nn.functional.pad(x, (0, t - x.size(1)), value=fill) for x in xs]).to(dev)
-
-        inputs = {
-            "prompt_ids": p_ids,
-            "completion_ids": cat("completion_ids", float(self.tokenizer.pad_token_id)).long(),  # [R*G, T]
-            "completion_mask": cat("completion_mask", 0.0),  # [R*G, T]
-            "behaviour_logprobs": cat("behaviour_logprobs", 0.0),  # [R*G, T]
-            "advantages": torch.cat([grp.advantages for grp in replay]).to(dev).float(),  # [R*G]
-            "ref_logprobs": None,
-        }
-        if self.hparams.beta > 0 and all(grp.reference_logprobs is not None for grp in replay):
-            inputs["ref_logprobs"] = cat("reference_logprobs", 0.0)  # [R*G, T]: stored at sampling, no new pass
-        elif self.hparams.beta > 0:
+        inputs = stack_groups(replay, self.tokenizer.pad_token_id, self.device)
+        if self.hparams.beta == 0:
+            inputs["ref_logprobs"] = None
+        elif inputs["ref_logprobs"] is None:  # some group was stored without them: one reference pass here
             with torch.no_grad():
                 inputs["ref_logprobs"], _ = self.sequence_logprobs(
-                    p_ids, inputs["completion_ids"], inputs["completion_mask"], reference=True)  # [R*G, T']
+                    inputs["prompt_ids"], inputs["completion_ids"], inputs["completion_mask"], reference=True)
         return inputs
 
     def replay_loss(self, inputs: dict[str, Any],
-                    opts: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Off-policy loss of replayed groups (their stored completions, behaviour log-probs, advantages).
+                    opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-token off-policy loss of replayed groups (their stored completions, behaviour log-probs, advantages).
+
+        Not aggregated: ``training_step`` reduces it together with the fresh tokens under one normaliser, each
+        replayed token weighted by ``opts["weight"]`` (module docstring).
 
         Args:
             inputs: :meth:`replay_inputs` of the groups in ``batch["replay"]``.
             opts: ``batch["replay_options"]``: ``correction`` (truncated / clipped / none), ``level``
-                (token / sequence), ``cap`` (c̄) and ``weight`` (``replay_loss_weight``).
+                (token / sequence), ``cap`` (c̄); ``clipped`` uses the module's ε and dual clip.
+
+        Returns:
+            ``(per_token [R*G, T'], mask [R*G, T'], stats)``: ℓ^off + β·KL3 per token; stats ``replay/*``
+            (IS weight mean / max, truncated fraction, ESS, KL).
         """
         h = self.hparams
         logp, m = self.sequence_logprobs(inputs["prompt_ids"], inputs["completion_ids"],
@@ -356,29 +394,22 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         per_tok, stats = off_policy_loss(logp, beh, inputs["advantages"], m,
                                          correction=opts.get("correction", "truncated"),
                                          level=opts.get("level", "token"), cap=opts.get("cap", 2.0),
-                                         eps_low=h.epsilon_low, eps_high=h.epsilon_high)
+                                         eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip)
         if inputs["ref_logprobs"] is not None:
-            per_tok = per_tok + h.beta * k3_kl(logp, inputs["ref_logprobs"][:, : logp.size(1)])  # [R*G, T']
-        loss = aggregate_loss(per_tok, m, h.loss_type, max_completion_length=h.max_new_tokens,
-                              num_active_tokens=float(m.sum()))
-        return opts.get("weight", 1.0) * loss, {f"replay/{k}": v for k, v in stats.items()}
+            ref = inputs["ref_logprobs"][:, : logp.size(1)]  # [R*G, T']
+            kl = k3_kl(logp, torch.where(m > 0, ref, logp).detach())  # [R*G, T']
+            per_tok = per_tok + h.beta * kl  # [R*G, T']
+            with torch.no_grad():
+                stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
+        return per_tok, m, {f"replay/{k}": v for k, v in stats.items()}
 
     def _groups(self, batch: dict[str, Any], prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
                 mask: torch.Tensor, logp: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
-                texts: list[str], step: int, ref_logp: torch.Tensor | None = None) -> list[RolloutGroup]:
-        g, t = self.hparams.num_generations, logp.size(1)
-        ids = completion_ids[:, :t].detach().cpu()  # [B*G, T']
-        msk = mask[:, :t].detach().cpu()  # [B*G, T']
-        lp = (logp.detach() * mask[:, :t]).cpu()  # [B*G, T'] (masked on the device, one transfer)
-        ref = None if ref_logp is None else (ref_logp[:, :t] * mask[:, :t]).cpu()  # [B*G, T']
-        return [RolloutGroup(
-            prompt_id=batch["id"][i], label=batch["label"][i], kind=batch["kind"][i],
-            prompt_ids=prompt_ids[i].detach().cpu(), completion_ids=ids[i * g:(i + 1) * g],
-            completion_mask=msk[i * g:(i + 1) * g], behaviour_logprobs=lp[i * g:(i + 1) * g],
-            rewards=rewards[i].detach().cpu(), step=step, completions=texts[i * g:(i + 1) * g],
-            advantages=advantages[i].detach().cpu(),
-            reference_logprobs=None if ref is None else ref[i * g:(i + 1) * g],
-        ) for i in range(len(prompt_ids))]
+                texts: list[str], step: int, ref_logp: torch.Tensor | None = None,
+                kept: list[int] | None = None) -> list[RolloutGroup]:
+        """The step's fresh groups for the replay contract (:func:`rerule_lightning.rollout.split_groups`)."""
+        return split_groups(batch, prompt_ids, completion_ids, mask, rewards, advantages, texts, step, logp,
+                            ref_logp, kept)
 
     def _log_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], rewards: torch.Tensor,
                   mask: torch.Tensor, batch: dict[str, Any], b: int) -> None:

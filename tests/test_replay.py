@@ -1,19 +1,29 @@
-"""HardCaseReplayCallback under real trainer calls, plus unit checks of admission, eviction and checkpoints."""
+"""Replay callbacks under real trainer calls on the tiny prepared world (admission, one group per prompt,
+schedule, ablations, resume), plus unit checks of the decisions that need a callback around them."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 
-from callbacks.replay import HardCaseReplayCallback, RandomReplayCallback
+from callbacks import HardCaseReplayCallback, PromptReplayCallback, RandomReplayCallback
+from callbacks.buffer import Entry, LabelStats
 from datamodules.forget_retain import ForgetRetainDataModule
 from rerule_lightning.grpo_module import GRPOUnlearningModule
 from rerule_lightning.policy import PolicyConfig
 from rerule_lightning.rollout import RolloutGroup
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-def make_group(prompt_id: str, rewards: list[float], step: int, label: str = "boundary") -> RolloutGroup:
+ROOT = Path(__file__).resolve().parents[1]
+KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_/.")
+
+
+def make_group(prompt_id: str, rewards: list[float], step: int = 0, label: str = "boundary") -> RolloutGroup:
     g = len(rewards)
     return RolloutGroup(
         prompt_id=prompt_id, label=label, kind="boundary_hard", prompt_ids=torch.tensor([1, 5, 6]),
@@ -29,10 +39,12 @@ class Spy(L.Callback):
     def __init__(self) -> None:
         self.groups: list[list[RolloutGroup]] = []
         self.replayed: list[int] = []
+        self.prompts: list[list[str]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
         self.groups.append(list(outputs["groups"]))
         self.replayed.append(len(batch.get("replay") or []))
+        self.prompts.append(list(batch["id"]))
 
 
 def build(tiny_prepared: dict, seed: int = 0) -> tuple[GRPOUnlearningModule, ForgetRetainDataModule]:
@@ -51,111 +63,200 @@ def fit(tiny_prepared: dict, callbacks: list, max_steps: int, seed: int = 0, **t
                         enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
                         enable_checkpointing=trainer_kw.pop("enable_checkpointing", False), **trainer_kw)
     trainer.fit(module, datamodule=data)
+    module.trainer_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return module
 
 
-def test_admission_uses_the_groups_training_step_returned(tiny_prepared):
-    cb = HardCaseReplayCallback(collect_steps=3, reward_threshold=0.5, require_variance=False, replay_groups=2)
+def overlay_args(name: str) -> dict:
+    return yaml.safe_load((ROOT / "configs" / "replay" / name).read_text())["trainer"]["callbacks+"][0]["init_args"]
+
+
+def test_same_family_boundary_groups_are_admitted_by_the_label_relative_rule(tiny_prepared):
+    cb = HardCaseReplayCallback(replay_start=100, retire_solved=False)  # defaults: margin 0.1, window 64
+    spy = Spy()
+    fit(tiny_prepared, [cb, spy], max_steps=10)
+    # the rule, recomputed from the groups the module returned: the step's groups enter their label's
+    # statistics and their prompts' moving averages (momentum 0.5) first, then each is judged
+    stats, ema, expected, admissions = LabelStats(64), {}, {}, 0
+    for groups in spy.groups:
+        for g in groups:
+            stats.add(g.label, g.rewards)
+            m = float(g.rewards.mean())
+            ema[g.prompt_id] = m if g.prompt_id not in ema else 0.5 * ema[g.prompt_id] + 0.5 * m
+        for g in groups:
+            limit = stats.mean(g.label) - 0.1
+            if float(g.rewards.mean()) < limit and ema[g.prompt_id] < limit:
+                expected[g.prompt_id] = g  # one per prompt: the newest
+                admissions += 1
+    stored = {e.group.prompt_id: e.group for e in cb.buffer.entries}
+    assert {p: g.step for p, g in stored.items()} == {p: g.step for p, g in expected.items()}
+    same_family = [g for g in stored.values() if g.kind == "boundary_hard"]
+    assert same_family, "no same-family boundary group was stored"
+    # ... among them groups the old absolute rule (mean <= 0.5 with non-zero variance) never stored: all
+    # answers wrong (zero variance, here [0.5] * 4) or mostly wrong with one right (mean 0.625)
+    old_rule_refuses = lambda g: float(g.rewards.mean()) > 0.5 or bool(g.rewards.min() == g.rewards.max())  # noqa: E731
+    assert any(old_rule_refuses(g) for g in same_family)
+    assert cb.buffer.tally.totals["admitted"] == admissions
+
+
+def test_one_group_per_prompt_the_newest(tiny_prepared):
+    cb = HardCaseReplayCallback(reward_threshold=1.0, replay_start=100, retire_solved=False)  # admit everything
+    spy = Spy()
+    module = fit(tiny_prepared, [cb, spy], max_steps=14)
+    fresh = [g for groups in spy.groups for g in groups]
+    last = {g.prompt_id: g.step for g in fresh}
+    assert len(last) < len(fresh), "the test needs prompts that recur"
+    ids = [e.group.prompt_id for e in cb.buffer.entries]
+    assert len(ids) == len(set(ids)) == len(last)
+    assert {e.group.prompt_id: e.group.step for e in cb.buffer.entries} == last
+    totals = cb.buffer.tally.totals
+    assert totals["admitted"] == len(fresh) and totals["replaced"] == len(fresh) - len(last)
+    # run totals are logged, so the last logged values are the totals; the buffer composition too
+    m = module.trainer_metrics
+    assert m["replay/admitted_total"] == len(fresh) and m["replay/replaced_total"] == totals["replaced"]
+    assert m["replay/buffer_size"] == len(last)
+    assert m["replay/buffer_size_forget"] + m["replay/buffer_size_boundary"] == len(last)
+    assert m["replay/buffer_size_kind_boundary_hard"] == sum(e.group.kind == "boundary_hard" for e in cb.buffer.entries)
+    assert all(set(k) <= KEY_CHARS for k in m if k.startswith("replay/"))
+
+
+def test_boundary_only_overlay_stores_boundary_groups(tiny_prepared):
+    args = overlay_args("hard_case_boundary.yaml")
+    assert args["labels"] == ["boundary"]
+    cb = HardCaseReplayCallback(**{**args, "replay_start": 100})
+    fit(tiny_prepared, [cb], max_steps=10)
+    assert len(cb.buffer) > 0 and cb.buffer.tally.totals.get("admitted_boundary", 0) > 0
+    # with a threshold every forget group qualifies, and still none is stored
+    cb = HardCaseReplayCallback(**{**args, "replay_start": 100, "reward_threshold": 1.0})
     spy = Spy()
     fit(tiny_prepared, [cb, spy], max_steps=3)
-    fresh = [g for step in spy.groups for g in step]
-    assert len(fresh) == 3 * 4  # B = 4 groups per step
-    for g in fresh:
-        assert g.completion_ids.shape == g.completion_mask.shape == g.behaviour_logprobs.shape
-        assert g.completion_ids.size(0) == 4 and g.rewards.shape == (4,)
-    expected = [g for g in fresh if float(g.rewards.mean()) <= 0.5]
-    assert 0 < len(expected) < len(fresh), "need both admitted and refused groups to test admission"
-    stored = [e["group"] for e in cb.buffer]
-    assert [(g.prompt_id, g.step) for g in stored] == [(g.prompt_id, g.step) for g in expected]
-    for s, e in zip(stored, expected):
-        assert torch.equal(s.completion_ids, e.completion_ids)
-        assert torch.equal(s.rewards, e.rewards)
-    assert cb.totals["admitted"] == len(expected)
-    assert spy.replayed == [0, 0, 0]  # the whole fit was the collect phase: nothing replayed
+    assert any(g.label == "forget" for groups in spy.groups for g in groups)
+    assert {e.group.label for e in cb.buffer.entries} == {"boundary"}
+    assert cb.buffer.tally.totals.get("admitted_forget", 0) == 0
 
 
-def test_zero_variance_groups_refused_only_when_required():
-    flat = make_group("a", [0.0, 0.0, 0.0, 0.0], step=0)
-    mixed = make_group("b", [0.0, 0.5, 0.0, 0.0], step=0)
-    easy = make_group("c", [1.0, 1.0, 0.5, 1.0], step=0)
-    strict = HardCaseReplayCallback(reward_threshold=0.5, require_variance=True)
-    loose = HardCaseReplayCallback(reward_threshold=0.5, require_variance=False)
-    assert [strict.admissible(g) for g in (flat, mixed, easy)] == [False, True, False]
-    assert [loose.admissible(g) for g in (flat, mixed, easy)] == [True, True, False]
-    # random replay ignores the reward, keeps the variance rule
-    assert [RandomReplayCallback().admissible(g) for g in (flat, mixed, easy)] == [False, True, True]
+def test_zero_variance_admission_follows_the_advantages():
+    flat, mixed = make_group("a", [0.0, 0.0, 0.0, 0.0]), make_group("b", [0.0, 0.5, 0.0, 0.0])
+    context = [(make_group(f"c{i}", [1.0, 0.5, 1.0, 1.0]), False) for i in range(6)]
+    for advantages, require, admits_flat in [("running", None, True), ("group", None, False),
+                                              ("running", True, False)]:
+        cb = HardCaseReplayCallback(advantages=advantages, require_variance=require)
+        cb.observe(context + [(flat, False), (mixed, False)], batch=0)
+        assert cb.admissible(flat) is admits_flat and cb.admissible(mixed)
+    left_out = make_group("d", [0.0, 0.0, 0.0, 0.0])
+    left_out.behaviour_logprobs = None  # not forwarded in its step (fill): cannot be replayed
+    cb.observe([(left_out, False)], batch=0)
+    assert not HardCaseReplayCallback().admissible(left_out)
+    # random replay: no hardness at all (the easy context groups qualify too)
+    assert RandomReplayCallback().admissible(context[0][0])
 
 
-def test_no_replay_before_collect_steps_then_replay(tiny_prepared):
-    cb = HardCaseReplayCallback(collect_steps=2, reward_threshold=1.0, require_variance=False, replay_groups=2,
-                                max_replays=10, retire_solved=False)
+def test_retirement_uses_the_prompt_moving_average_not_one_group():
+    cb = HardCaseReplayCallback(margin=0.1, prompt_momentum=0.5, window=64)
+    context = [(make_group(f"c{i}", [0.5, 1.0, 1.0, 0.5]), False) for i in range(40)]  # label mean 0.75
+    hard = make_group("p", [0.0, 0.0, 0.5, 0.0])  # mean 0.125
+    cb.observe(context + [(hard, False)], batch=0)
+    assert cb.admissible(hard)
+    entry = Entry(hard)
+    cb.observe([(make_group("p", [1.0] * 4, step=1), False)], batch=1)  # EMA 0.5625 < 0.75 - 0.1: still hard
+    assert not cb.retire(entry), "one solved group retired the prompt"
+    cb.observe([(make_group("p", [1.0] * 4, step=2), False)], batch=2)  # EMA 0.78: no longer hard
+    assert cb.retire(entry)
+    assert not HardCaseReplayCallback(retire_solved=False).retire(entry)
+
+
+def test_priority_favours_low_running_success_and_few_replays():
+    cb = HardCaseReplayCallback(margin=0.1)
+    context = [(make_group(f"c{i}", [1.0, 1.0, 1.0, 1.0]), False) for i in range(3)]
+    lo, mid = make_group("lo", [0.0, 0.0, 0.0, 0.0]), make_group("mid", [0.5, 0.5, 0.5, 0.5])
+    cb.observe(context + [(lo, False), (mid, False)], batch=0)  # label mean (3 + 0 + 0.5) / 5 = 0.7
+    # (gap + 0.05)^1 / (1 + replays): gaps 0.7 and 0.2
+    assert cb.priority(Entry(lo)) == pytest.approx(0.75) and cb.priority(Entry(mid)) == pytest.approx(0.25)
+    cb.buffer.prompt_replays["lo"] = 2
+    assert cb.priority(Entry(lo)) == pytest.approx(0.25)
+
+
+def test_schedule_counts_rollout_batches_and_fractions(tiny_prepared):
+    cb = HardCaseReplayCallback(collect_steps=0.6, replay_start=2, reward_threshold=1.0, max_replays=10,
+                                retire_solved=False)
     spy = Spy()
-    fit(tiny_prepared, [cb, spy], max_steps=4)
-    assert spy.replayed[:2] == [0, 0]
-    assert cb.totals["admitted"] == 8  # every group of steps 0 and 1 (threshold 1.0, no variance rule)
-    assert spy.replayed[2:] == [2, 2]
-    # no admissions in the hybrid phase: everything stored was sampled at steps 0 and 1
-    assert all(e["group"].step < 2 for e in cb.buffer)
+    fit(tiny_prepared, [cb, spy], max_steps=5)
+    assert cb.collect_end == 3 and cb.replay_from == 2
+    assert spy.replayed == [0, 0, 2, 2, 2]
+    assert all(e.group.step < 3 for e in cb.buffer.entries)  # nothing admitted after collect_steps
+    assert cb.buffer.tally.totals["admitted"] == 12
 
 
-def test_eviction_by_age_capacity_and_replays():
-    cb = HardCaseReplayCallback(collect_steps=100, capacity=3, max_age=5, max_replays=1, reward_threshold=0.9)
-    cb.collect_steps = 100
-    groups = [make_group(f"p{i}", [0.0, 0.5, 0.0, r], step=i) for i, r in enumerate([0.0, 0.5, 0.0, 0.5, 0.0])]
-    for g in groups:
-        cb.buffer.append({"group": g, "replays": 0, "priority": cb.priority(g)})
-    cb._evict_capacity()
-    # priorities: hardness 1 - mean = 0.875 (r=0) or 0.75 (r=0.5); keep the 3 hardest, newest first on ties
-    assert sorted(e["group"].prompt_id for e in cb.buffer) == ["p0", "p2", "p4"]
-    assert cb.totals["evicted"] == 2
-    cb._evict_old(step=7)  # ages 7, 5, 3: p0 is older than max_age=5
-    assert sorted(e["group"].prompt_id for e in cb.buffer) == ["p2", "p4"]
-    cb.collect_steps = 0
-    chosen = cb._sample(step=8, world_size=1, rank=0)
-    assert len(chosen) == 2 and cb.buffer == []  # max_replays=1: used up once handed out
-
-
-def test_retire_solved_drops_a_prompt_once_a_fresh_group_passes():
-    cb = HardCaseReplayCallback(reward_threshold=0.5)
-    cb.buffer = [{"group": make_group("p", [0.0, 0.5, 0.0, 0.0], 0), "replays": 0, "priority": 1.0},
-                 {"group": make_group("q", [0.0, 0.5, 0.0, 0.0], 0), "replays": 0, "priority": 1.0}]
-    cb._retire([make_group("p", [1.0, 1.0, 0.5, 1.0], 3)])
-    assert [e["group"].prompt_id for e in cb.buffer] == ["q"]
-
-
-def test_running_advantages_use_the_label_baseline():
-    cb = HardCaseReplayCallback(advantages="running", running_momentum=0.5)
-    cb._update_baseline([make_group("x", [1.0, 1.0, 1.0, 1.0], 0)])  # first value: 1.0
-    cb._update_baseline([make_group("y", [0.0, 0.0, 0.0, 0.0], 0)])  # 0.5 * 1.0 + 0.5 * 0.0 = 0.5
-    g = cb._with_advantages(make_group("z", [0.0, 0.0, 0.0, 0.0], 0))  # zero variance still gets signal
-    torch.testing.assert_close(g.advantages, torch.full((4,), -0.5))
+def test_adaptive_start_once_a_label_window_is_mostly_zero_variance(tiny_prepared):
+    # the unsteered tiny target never refuses: every forget group is all-zero, 2 per step; window 6 is full
+    # after step 2, so replay starts at step 3
+    cb = HardCaseReplayCallback(replay_start="adaptive", adaptive_threshold=0.9, window=6, reward_threshold=1.0)
+    spy = Spy()
+    fit(tiny_prepared, [cb, spy], max_steps=5)
+    assert cb.replay_from == 3 and spy.replayed == [0, 0, 0, 2, 2]
 
 
 def test_bad_arguments_name_the_parameter():
     for kwargs, name in [({"capacity": 0}, "capacity"), ({"correction": "x"}, "correction"),
                          ({"is_level": "x"}, "is_level"), ({"advantages": "x"}, "advantages"),
-                         ({"replay_groups": 0}, "replay_groups"), ({"collect_steps": 2.5}, "collect_steps")]:
+                         ({"replay_groups": 0}, "replay_groups"), ({"collect_steps": 2.5}, "collect_steps"),
+                         ({"replay_start": "soon"}, "replay_start"), ({"spend": "x"}, "spend"),
+                         ({"replay_groups": None}, "replay_groups"), ({"hardness": "x"}, "hardness"),
+                         ({"quantile": 1.0}, "quantile"), ({"window": 0}, "window")]:
         with pytest.raises(ValueError, match=name):
             HardCaseReplayCallback(**kwargs)
+    HardCaseReplayCallback(spend="fill", replay_groups=None)  # null is valid with fill
 
 
 def test_state_dict_round_trip_loads_with_weights_only(tmp_path):
     cb = HardCaseReplayCallback()
-    cb.collect_steps = 4
-    cb.buffer = [{"group": make_group("p", [0.0, 0.5, 0.0, 0.0], 1), "replays": 1, "priority": 0.875}]
-    cb.baseline = {"boundary": 0.25}
+    cb.collect_end, cb.replay_from, cb.resolved = 4, 2, True
+    cb.observe([(make_group("p", [0.0, 0.5, 0.0, 0.0], 1), False)], batch=1)
+    cb.buffer.put(Entry(make_group("p", [0.0, 0.5, 0.0, 0.0], 1), replays=1))
     torch.save(cb.state_dict(), tmp_path / "cb.pt")
     state = torch.load(tmp_path / "cb.pt", weights_only=True)
     other = HardCaseReplayCallback()
     other.load_state_dict(state)
-    assert other.collect_steps == 4 and other.baseline == {"boundary": 0.25}
-    assert torch.equal(other.buffer[0]["group"].rewards, cb.buffer[0]["group"].rewards)
-    assert other.buffer[0]["replays"] == 1
+    assert (other.collect_end, other.replay_from, other.resolved) == (4, 2, True)
+    assert other.success == {"p": 0.125} and other.stats.rewards == cb.stats.rewards
+    assert torch.equal(other.buffer.entries[0].group.rewards, cb.buffer.entries[0].group.rewards)
+    assert other.buffer.entries[0].replays == 1 and other.buffer.tally.totals == cb.buffer.tally.totals
 
 
-def test_resume_inside_hybrid_phase_matches_uninterrupted_run(tiny_prepared, tmp_path):
+def test_random_replay_stores_every_group_and_never_retires(tiny_prepared):
+    cb = RandomReplayCallback(replay_start=100)
+    spy = Spy()
+    fit(tiny_prepared, [cb, spy], max_steps=6)
+    seen = {g.prompt_id: g.step for groups in spy.groups for g in groups}
+    assert {e.group.prompt_id: e.group.step for e in cb.buffer.entries} == seen
+    assert cb.buffer.tally.totals["retired"] == 0
+    assert len({cb.priority(e) for e in cb.buffer.entries}) == 1  # uniform
+
+
+def test_prompt_replay_resamples_stored_prompts_before_generation(tiny_prepared):
+    cb = PromptReplayCallback(reward_threshold=1.0, replay_start=1, replay_groups=2)
+    spy = Spy()
+    sampled: list[int] = []
+    module, data = build(tiny_prepared)
+    real = module._sample
+    module._sample = lambda prompts: sampled.append(len(prompts)) or real(prompts)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[cb, spy],
+                        enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    assert sampled == [4, 6, 6]  # two stored prompts appended to the batch, then generated for
+    assert spy.replayed == [0, 0, 0]  # no stored rollout is reused
+    revisited = [ids[4:] for ids in spy.prompts[1:]]
+    assert all(len(r) == 2 for r in revisited) and all(len(g) == 6 for g in spy.groups[1:])
+    assert cb.buffer.tally.totals["replayed"] == 4 == sum(cb.buffer.prompt_replays.values())
+    assert sum(len(v) for v in cb.stats.rewards.values()) == 12  # revisits stay out of the label statistics
+    assert all(e.row is not None and e.group.completion_ids.numel() == 0 for e in cb.buffer.entries)
+
+
+def test_resume_inside_replay_phase_matches_uninterrupted_run(tiny_prepared, tmp_path):
     def cb() -> HardCaseReplayCallback:
-        return HardCaseReplayCallback(collect_steps=2, reward_threshold=1.0, require_variance=False, replay_groups=2, max_replays=3,
+        return HardCaseReplayCallback(replay_start=2, reward_threshold=1.0, replay_groups=2, max_replays=3,
                                       retire_solved=False)
 
     full_cb = cb()
@@ -164,9 +265,8 @@ def test_resume_inside_hybrid_phase_matches_uninterrupted_run(tiny_prepared, tmp
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt_dir = tmp_path / "ckpt"
-    first_cb = cb()
-    fit(tiny_prepared, [first_cb, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True)],
-        max_steps=3, enable_checkpointing=True)  # stops after step 3, inside the hybrid phase (steps >= 2)
+    fit(tiny_prepared, [cb(), ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True)],
+        max_steps=3, enable_checkpointing=True)  # stops after step 3, inside the replay phase (steps >= 2)
     resumed_cb = cb()
     L.seed_everything(0, verbose=False)
     module, data = build(tiny_prepared)
@@ -177,9 +277,11 @@ def test_resume_inside_hybrid_phase_matches_uninterrupted_run(tiny_prepared, tmp
 
     for (name, a), b in zip(full.model.state_dict().items(), module.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"parameter {name} differs after resume")
-    assert [(e["group"].prompt_id, e["group"].step, e["replays"]) for e in full_cb.buffer] == \
-        [(e["group"].prompt_id, e["group"].step, e["replays"]) for e in resumed_cb.buffer]
-    assert full_cb.totals == resumed_cb.totals
+    assert full_cb.state_dict()["totals"]["replayed"] > 0
+    key = lambda c: [(e.group.prompt_id, e.group.step, e.replays) for e in c.buffer.entries]  # noqa: E731
+    assert key(full_cb) == key(resumed_cb)
+    assert full_cb.buffer.tally.totals == resumed_cb.buffer.tally.totals
+    assert full_cb.stats.rewards == resumed_cb.stats.rewards and full_cb.success == resumed_cb.success
 
 
 def test_module_unchanged_without_callback(tiny_prepared):
@@ -187,48 +289,3 @@ def test_module_unchanged_without_callback(tiny_prepared):
     b = fit(tiny_prepared, [L.Callback()], max_steps=2)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.equal(x, y)
-
-
-def test_replayed_groups_reuse_their_stored_reference_logprobs(tiny_prepared, monkeypatch):
-    """Fresh groups carry the reference log-probs of their step; replaying them needs no new reference pass,
-    and the stored values equal a fresh reference pass over the same completions (the reference is frozen)."""
-    spy = Spy()
-    module = fit(tiny_prepared, [spy], max_steps=2)
-    groups = [g for step in spy.groups for g in step]
-    assert all(g.reference_logprobs is not None and g.reference_logprobs.shape == g.behaviour_logprobs.shape
-               for g in groups)
-    assert all(torch.equal(g.reference_logprobs * (1 - g.completion_mask), torch.zeros_like(g.reference_logprobs))
-               for g in groups)  # 0.0 on padding
-    calls = []
-    real = module.sequence_logprobs
-    monkeypatch.setattr(module, "sequence_logprobs", lambda *a, **k: calls.append(k) or real(*a, **k))
-    inputs = module.replay_inputs(groups[:3])
-    assert not any(k.get("reference") for k in calls), "replay ran a reference pass despite stored log-probs"
-    with torch.no_grad():
-        fresh, m = real(inputs["prompt_ids"], inputs["completion_ids"], inputs["completion_mask"], reference=True)
-    t = fresh.size(1)
-    torch.testing.assert_close(inputs["ref_logprobs"][:, :t] * m, fresh * m, atol=1e-5, rtol=1e-5)
-    # stored rows wider than every real completion: trimmed like the policy's log-probs (to the longest one)
-    import dataclasses
-
-    def cut(g: RolloutGroup, n: int) -> RolloutGroup:
-        keep = (torch.arange(g.completion_ids.size(1)) < n).float()  # [T]
-        return dataclasses.replace(g, completion_mask=g.completion_mask * keep,
-                                   behaviour_logprobs=g.behaviour_logprobs * keep,
-                                   reference_logprobs=g.reference_logprobs * keep,
-                                   advantages=torch.linspace(-1, 1, g.num_completions))
-
-    mixed = [cut(groups[3], 3), cut(groups[4], 5)]
-    stored = module.replay_inputs(mixed)
-    loss_stored, _ = module.replay_loss(stored, {})
-    recomputed = dict(stored, ref_logprobs=None)
-    with torch.no_grad():
-        recomputed["ref_logprobs"], _ = real(stored["prompt_ids"], stored["completion_ids"],
-                                             stored["completion_mask"], reference=True)
-    loss_fresh, _ = module.replay_loss(recomputed, {})
-    torch.testing.assert_close(loss_stored, loss_fresh, atol=1e-6, rtol=1e-5)
-    for g in groups[:3]:  # groups stored without them (an older buffer) still get a reference pass
-        g.reference_logprobs = None
-    calls.clear()
-    module.replay_inputs(groups[:3])
-    assert any(k.get("reference") for k in calls)
