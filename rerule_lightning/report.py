@@ -241,7 +241,13 @@ def report(tracking_uri: str = "sqlite:///mlflow.db", experiment: str | list[str
     if log_run:
         exp_name = report_experiment or f"{experiments[0] if experiments else 'rerule'}-report"
         exp = client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
+        if exp is None:
+            from rerule_lightning.tracking import default_artifact_location
+
+            exp_id = client.create_experiment(exp_name,
+                                              artifact_location=default_artifact_location(tracking_uri, exp_name))
+        else:
+            exp_id = exp.experiment_id
         run = client.create_run(exp_id, tags={"rerule.report": "1", "rerule.report.experiments": ",".join(experiments),
                                               "rerule.report.group_by": ",".join(groups)},
                                 run_name="report")

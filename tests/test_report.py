@@ -83,10 +83,13 @@ def test_merge_unit_eval_overrides_fit_and_wall_clock_from_fit() -> None:
     assert u.final == {"m": 0.9} and u.wall_clock_s == 10.0 and u.curves["c"] == [(1, 0.0), (2, 1.0)]
 
 
-def test_report_table_plots_and_run(store: str, tmp_path, capsys) -> None:
+def test_report_table_plots_and_run(store: str, tmp_path, capsys, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # the report run's artifacts must not land in ./mlruns of the working directory
     out = tmp_path / "rep"
     rc = main(["report", "--tracking_uri", store, "--experiment", "exp", "--group_by", "rerule.variant",
                "--metrics", "forget/refusal_rate,retain/answer_accuracy,boundary_hard/answer_accuracy",
@@ -130,6 +133,9 @@ def test_report_table_plots_and_run(store: str, tmp_path, capsys) -> None:
     arts = {f.path for f in client.list_artifacts(runs[0].info.run_id)}
     assert arts == {"report.md", "report.csv", *PNGS}
     assert runs[0].info.run_id in capsys.readouterr().out
+    db_dir = os.path.dirname(store[len("sqlite:///"):])
+    assert exp.artifact_location.startswith(os.path.join(db_dir, "mlartifacts"))
+    assert not list(cwd.iterdir())  # no mlruns/ here
 
 
 def test_report_units_filter_and_no_run(store: str, tmp_path) -> None:
