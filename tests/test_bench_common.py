@@ -173,7 +173,13 @@ def test_evaluator_builds_the_metrics_each_split_asks_for(tiny_prepared: dict, o
     assert [r["id"] for r in rec] == ["forget0", "forget1", "retain0", "retain1", "retain2"]
     assert math.isfinite(rec[0]["truth_ratio"]) and math.isnan(rec[1]["truth_ratio"])  # no paraphrase / options
     assert ev.metrics["forget"]["truth_ratio"].per_item().numel() == 1
-    assert rec[0]["prompt"] == "Question: Who is F?\nAnswer:" and len(tok(rec[0]["prediction"])["input_ids"]) <= 3
+    # the split's own max_new_tokens (3, not the evaluator's 50) bounds the answer: it is exactly the greedy
+    # 3-token continuation. (Re-encoding the decoded text is no measure: byte-level BPE need not give back the
+    # generated tokens, e.g. 3 generated tokens re-encode to 4 on some machines.)
+    from rerule_lightning.generation import cut_at_stop, greedy_generate
+
+    assert rec[0]["prompt"] == "Question: Who is F?\nAnswer:"
+    assert rec[0]["prediction"] == cut_at_stop(greedy_generate(model, tok, [rec[0]["prompt"]], 3)[0], ["\n"])
     assert "\n" not in rec[0]["prediction"] and rec[2]["prediction"] is None and "refusal" not in rec[2]
 
 
