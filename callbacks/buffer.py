@@ -292,6 +292,17 @@ class ReplayBuffer:
         keys = torch.log(u) / w.clamp_min(1e-12)  # [N]
         return torch.argsort(keys, descending=True)[:n].tolist()
 
+    def draw_among(self, indices: list[int], priorities: list[float], n: int, seed: int) -> list[int]:
+        """:meth:`draw` restricted to the entries ``indices`` (with their ``priorities``); entry indices."""
+        n = min(n, len(indices))
+        if n <= 0:
+            return []
+        w = torch.tensor(priorities, dtype=torch.float64)  # [M]
+        gen = torch.Generator().manual_seed(seed)
+        u = torch.rand(len(indices), generator=gen, dtype=torch.float64)  # [M]
+        keys = torch.log(u) / w.clamp_min(1e-12)  # [M]
+        return [indices[j] for j in torch.argsort(keys, descending=True)[:n].tolist()]
+
     def mark_replayed(self, indices: list[int], max_replays: int) -> None:
         """Count one replay for each entry index; entries that reached ``max_replays`` are evicted."""
         for i in indices:

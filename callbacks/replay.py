@@ -30,6 +30,7 @@ the sampling seeds all use it, and fractions are of ``trainer.max_steps // μ``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Literal
 
@@ -65,7 +66,7 @@ class ReplayCallback(L.Callback):
                  window: int, prompt_momentum: float, spend: str, replay_groups: int | None, capacity: int,
                  max_replays: int, max_age: int | None, advantages: str, advantage_std_floor: float,
                  require_variance: bool | None, labels: list[str] | None, seed: int, options: dict[str, Any],
-                 errors: list[str] | None = None) -> None:
+                 errors: list[str] | None = None, balance_labels: bool = True) -> None:
         errors = list(errors or [])
         errors += schedule_errors(collect_steps, "collect_steps") + schedule_errors(replay_start, "replay_start")
         checks = [(capacity >= 1, f"capacity={capacity}: must be >= 1"),
@@ -89,7 +90,8 @@ class ReplayCallback(L.Callback):
         self.advantage_mode, self.advantage_std_floor = advantages, advantage_std_floor
         self.require_variance = (advantages == "group") if require_variance is None else require_variance
         self.labels = None if labels is None else set(labels)
-        self.seed, self.options = seed, {"spend": spend, **options}
+        self.balance_labels = balance_labels
+        self.seed, self.options = seed, {"spend": spend, "match_labels": balance_labels, **options}
         self.buffer = ReplayBuffer(capacity)
         self.stats = LabelStats(window)
         self.success: dict[str, float] = {}  # per prompt: EMA of its fresh group means
@@ -170,13 +172,33 @@ class ReplayCallback(L.Callback):
         if not self.replaying(b) or not len(self.buffer):
             return
         n_rank = self._per_rank(batch, world)
-        chosen = self.buffer.draw([self.priority(e) for e in self.buffer.entries], n_rank * world,
-                                  self.seed * 1_000_003 + b)
+        chosen = self._draw(n_rank * world, self.seed * 1_000_003 + b)
         per = math.ceil(len(chosen) / world)
         self._offered = [chosen[r * per:(r + 1) * per] for r in range(world)]
         for i in chosen:
             self.buffer.tally.count("sampled", self.buffer.entries[i].group)
         self.deliver(batch, [self.buffer.entries[i] for i in self._offered[rank]])
+
+    def _draw(self, n: int, seed: int) -> list[int]:
+        """Entry indices offered this step, best first. With ``balance_labels`` every label seen in fresh groups
+        gets an equal quota (``add``: ``ceil(n / labels)``; ``fill``: ``n``, since a slot is filled only by its own
+        label), drawn by priority within the label and interleaved label by label, so replay keeps the 1:1
+        forget/boundary mix of the fresh batches instead of skewing it towards the label with most hard groups."""
+        entries = self.buffer.entries
+        prio = [self.priority(e) for e in entries]
+        if not self.balance_labels:
+            return self.buffer.draw(prio, n, seed)
+        labels = sorted(set(self.stats.rewards) | {e.group.label for e in entries})
+        quota = n if self.spend == "fill" else math.ceil(n / max(len(labels), 1))
+        per_label = []
+        for k, label in enumerate(labels):
+            idx = [i for i, e in enumerate(entries) if e.group.label == label]
+            if not idx:
+                continue
+            sub = self.buffer.draw_among(idx, [prio[i] for i in idx], quota, seed + 7919 * (k + 1))
+            per_label.append(sub)
+        out = [i for tier in itertools.zip_longest(*per_label) for i in tier if i is not None]
+        return out if self.spend == "fill" else out[:n]
 
     def used_indices(self, outputs: dict[str, Any], offered: list[int]) -> list[int]:
         """Indices (into this rank's offered entries) the step trained on."""
@@ -288,6 +310,8 @@ class HardCaseReplayCallback(ReplayCallback):
         replay_loss_weight: Per-token weight of replayed tokens under the shared normaliser (module docstring).
         require_variance: Refuse zero-variance groups (``None``: only with ``advantages: group``).
         labels: Prompt labels that may be admitted (``None`` = all), e.g. ``[boundary]``.
+        balance_labels: Equal replay quotas per label, and ``fill`` slots filled only by stored groups of the
+            fresh group's own label, so replay keeps the batches' 1:1 forget/boundary mix (off: priority alone).
         seed: Seed of replay sampling.
     """
 
@@ -302,7 +326,7 @@ class HardCaseReplayCallback(ReplayCallback):
                  is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
                  advantages: Literal["group", "running"] = "running", advantage_std_floor: float = 0.1,
                  replay_loss_weight: float = 1.0, require_variance: bool | None = None,
-                 labels: list[str] | None = None, seed: int = 0) -> None:
+                 labels: list[str] | None = None, balance_labels: bool = True, seed: int = 0) -> None:
         errors = [msg for ok, msg in [
             (hardness in ("margin", "quantile"), f"hardness={hardness!r}: choose margin or quantile"),
             (0.0 < quantile < 1.0, f"quantile={quantile}: must be in (0, 1)"),
@@ -314,6 +338,7 @@ class HardCaseReplayCallback(ReplayCallback):
                          spend=spend, replay_groups=replay_groups, capacity=capacity, max_replays=max_replays,
                          max_age=max_age, advantages=advantages, advantage_std_floor=advantage_std_floor,
                          require_variance=require_variance, labels=labels, seed=seed, errors=errors,
+                         balance_labels=balance_labels,
                          options={"correction": correction, "level": is_level, "cap": is_cap,
                                   "weight": replay_loss_weight})
         thresholds = {} if reward_threshold is None else (
@@ -370,6 +395,7 @@ class RandomReplayCallback(ReplayCallback):
         replay_loss_weight: Per-token weight of replayed tokens under the shared normaliser.
         require_variance: Refuse zero-variance groups (``None``: only with ``advantages: group``).
         labels: Prompt labels that may be stored (``None`` = all).
+        balance_labels: Equal replay quotas per label (as :class:`HardCaseReplayCallback`).
         seed: Seed of replay sampling.
     """
 
@@ -381,8 +407,8 @@ class RandomReplayCallback(ReplayCallback):
                  is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
                  advantages: Literal["group", "running"] = "running", advantage_std_floor: float = 0.1,
                  replay_loss_weight: float = 1.0, require_variance: bool | None = None,
-                 labels: list[str] | None = None, seed: int = 0) -> None:
-        super().__init__(collect_steps=collect_steps, replay_start=replay_start,
+                 labels: list[str] | None = None, balance_labels: bool = True, seed: int = 0) -> None:
+        super().__init__(collect_steps=collect_steps, replay_start=replay_start, balance_labels=balance_labels,
                          adaptive_threshold=adaptive_threshold, window=window, prompt_momentum=0.5, spend=spend,
                          replay_groups=replay_groups, capacity=capacity, max_replays=max_replays, max_age=max_age,
                          advantages=advantages, advantage_std_floor=advantage_std_floor,

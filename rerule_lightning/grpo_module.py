@@ -271,7 +271,10 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
 
         supplied: list[RolloutGroup] = list(batch.get("replay") or [])
         opts = dict(batch.get("replay_options") or {})
-        used, left_out = replay_slots(rewards, len(supplied), opts.get("spend", "add"))
+        match = bool(opts.get("match_labels", False))
+        used, left_out = replay_slots(rewards, len(supplied), opts.get("spend", "add"),
+                                      list(batch["label"]) if match else None,
+                                      [grp.label for grp in supplied] if match else None)
         replay = [supplied[i] for i in used]
         kept = sorted(set(range(b)) - set(left_out))
         f_pids, f_ids, f_mask, f_adv = p_ids, completion_ids, mask, adv  # [B*G, T], [B*G, T], [B*G]

@@ -82,17 +82,21 @@ class RolloutGroup:
 REPLAY_SPENDING = ("add", "fill")
 
 
-def replay_slots(rewards: torch.Tensor, n_supplied: int, spend: str = "add") -> tuple[list[int], list[int]]:
+def replay_slots(rewards: torch.Tensor, n_supplied: int, spend: str = "add", fresh_labels: list[str] | None = None,
+                 supplied_labels: list[str] | None = None) -> tuple[list[int], list[int]]:
     """Which supplied replay groups a step trains on, and which fresh groups they replace.
 
     ``add``: every supplied group, no fresh group replaced. ``fill``: the fresh groups whose G rewards are all
     equal (zero advantage under every scale, hence no policy gradient) are replaced, in batch order, by the
-    supplied groups in the order given, until either runs out.
+    supplied groups in the order given, until either runs out; with both label lists, a fresh group is replaced
+    only by a supplied group of its own label (the batch keeps its forget/boundary mix).
 
     Args:
         rewards: ``[B, G]`` rewards of this rank's fresh groups.
         n_supplied: Number of groups in ``batch["replay"]`` (priority-ordered by the callback).
         spend: ``add`` or ``fill``.
+        fresh_labels: Label of each fresh group (``fill`` with label matching).
+        supplied_labels: Label of each supplied group.
 
     Returns:
         ``(used, left_out)``: indices into the supplied groups, and indices of the fresh groups left out.
@@ -105,8 +109,17 @@ def replay_slots(rewards: torch.Tensor, n_supplied: int, spend: str = "add") -> 
     if spend == "add":
         return list(range(n_supplied)), []
     zero = (rewards.max(1).values == rewards.min(1).values).nonzero().flatten().tolist()  # exact, no std rounding
-    n = min(len(zero), n_supplied)
-    return list(range(n)), zero[:n]
+    if fresh_labels is None or supplied_labels is None:
+        n = min(len(zero), n_supplied)
+        return list(range(n)), zero[:n]
+    used, left_out, taken = [], [], set()
+    for f in zero:
+        j = next((j for j in range(n_supplied) if j not in taken and supplied_labels[j] == fresh_labels[f]), None)
+        if j is not None:
+            taken.add(j)
+            used.append(j)
+            left_out.append(f)
+    return used, left_out
 
 
 def keep_groups(kept: list[int], g: int, prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,

@@ -434,3 +434,12 @@ def test_off_policy_empty_mask_and_errors() -> None:
         off_policy_loss(logp, logp, t([1.0]), torch.ones(1, 2), level="group")
     with pytest.raises(ValueError, match="cap"):
         off_policy_loss(logp, logp, t([1.0]), torch.ones(1, 2), cap=0.0)
+
+
+def test_replay_slots_fill_matches_labels() -> None:
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.5, 0.5], [0.0, 0.0]])  # groups 0, 2, 3 zero-variance
+    fresh = ["forget", "boundary", "boundary", "forget"]
+    supplied = ["boundary", "boundary", "forget"]  # priority order
+    # forget slot 0 <- supplied 2 (the only forget group); boundary slot 2 <- supplied 0; forget slot 3: none left
+    assert replay_slots(rewards, 3, "fill", fresh, supplied) == ([2, 0], [0, 2])
+    assert replay_slots(rewards, 3, "add", fresh, supplied) == ([0, 1, 2], [])

@@ -154,3 +154,28 @@ def test_tally_logs_step_counts_and_run_totals_by_label_and_kind() -> None:
     assert log["replay/admitted_total_kind_boundary_hard"] == 1 and log["replay/admitted_kind_forget"] == 1
     assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyz0123456789_/.") for k in log)
     assert metric_name("Boundary-Hard 2") == "boundary_hard_2"
+
+
+def test_balanced_draw_gives_each_label_its_quota() -> None:
+    import torch as _t
+
+    from callbacks import HardCaseReplayCallback
+    from rerule_lightning.rollout import RolloutGroup as _G
+
+    def group(pid: str, label: str) -> _G:
+        return _G(prompt_id=pid, label=label, kind=label, prompt_ids=_t.tensor([1, 2]),
+                  completion_ids=_t.zeros(2, 3, dtype=_t.long), completion_mask=_t.ones(2, 3),
+                  behaviour_logprobs=_t.zeros(2, 3), rewards=_t.tensor([0.0, 0.5]), step=0)
+
+    for spend, n, expect in (("add", 2, {"forget": 1, "boundary": 1}), ("fill", 3, {"forget": 1, "boundary": 3})):
+        cb = HardCaseReplayCallback(spend=spend, replay_groups=n)
+        from callbacks.buffer import Entry
+        cb.buffer.entries = [Entry(group(f"b{i}", "boundary")) for i in range(5)] + [Entry(group("f0", "forget"))]
+        cb.stats.add("forget", _t.tensor([0.0, 1.0]))
+        cb.stats.add("boundary", _t.tensor([0.0, 1.0]))
+        chosen = cb._draw(n, seed=3)
+        labels = [cb.buffer.entries[i].group.label for i in chosen]
+        assert {lab: labels.count(lab) for lab in set(labels)} == expect, spend
+        assert len(set(chosen)) == len(chosen)
+        unbalanced = HardCaseReplayCallback(spend=spend, replay_groups=n, balance_labels=False)
+        assert unbalanced.options["match_labels"] is False and cb.options["match_labels"] is True

@@ -74,10 +74,19 @@ def test_fill_trains_on_at_most_BG_sequences_and_replaces_exactly_the_zero_varia
     filled = 0
     for step, (offered, out, rows) in enumerate(zip(spy.offered, spy.outputs, spy.rows)):
         zero = [i for i, g in enumerate(out["groups"]) if g.rewards.min() == g.rewards.max()]
-        n = min(len(zero), len(offered))
-        assert out["replay_used"] == list(range(n))  # the first n offered, in priority order
+        # label-matched fill (balance_labels): each zero-variance group, in batch order, takes the best offered
+        # group of its own label not yet taken
+        expect_used, expect_out = [], []
+        for i in zero:
+            j = next((j for j, o in enumerate(offered) if j not in expect_used
+                      and o.label == out["groups"][i].label), None)
+            if j is not None:
+                expect_used.append(j)
+                expect_out.append(i)
+        n = len(expect_used)
+        assert out["replay_used"] == expect_used
         left_out = [i for i, g in enumerate(out["groups"]) if g.behaviour_logprobs is None]
-        assert left_out == zero[:n], f"step {step}: replaced {left_out}, zero-variance groups {zero}"
+        assert left_out == expect_out, f"step {step}: replaced {left_out}, zero-variance groups {zero}"
         assert sum(rows) == B * G, f"step {step}: the backward covered {rows} sequences"
         assert len(rows) == (1 if n in (0, B) else 2)  # fresh forward (kept groups) + replayed forward
         filled += n
