@@ -41,6 +41,11 @@ VARIANTS: dict[str, list[str]] = {
     "RULE": [],
     "ReRULE (hard-case)": ["--config", "configs/replay/hard_case.yaml"],  # spend: add
     "ReRULE (fill)": ["--config", "configs/replay/hard_case_fill.yaml"],  # spend: fill, compute-neutral
+    # selection round 3 (docs/RESULTS.md §5): the two spending modes with stored group advantages
+    "ReRULE (add, group adv.)": ["--config", "configs/replay/hard_case.yaml",
+                                 "--trainer.callbacks.init_args.advantages", "group"],
+    "ReRULE (fill, group adv.)": ["--config", "configs/replay/hard_case_fill.yaml",
+                                  "--trainer.callbacks.init_args.advantages", "group"],
     "random replay": ["--config", "configs/replay/random.yaml"],
     "ReRULE without IS": ["--config", "configs/replay/hard_case_no_is.yaml"],
     "ReRULE (boundary groups)": ["--config", "configs/replay/hard_case_boundary.yaml"],
