@@ -39,19 +39,20 @@ from benchmarks.replay_analysis import write_outputs  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "RULE": [],
-    "ReRULE (hard-case)": ["--config", "configs/replay/hard_case.yaml"],  # spend: add
-    "ReRULE (fill)": ["--config", "configs/replay/hard_case_fill.yaml"],  # spend: fill, compute-neutral
-    # selection round 3 (docs/RESULTS.md §5): the two spending modes with stored group advantages
-    "ReRULE (add, group adv.)": ["--config", "configs/replay/hard_case.yaml",
-                                 "--trainer.callbacks.init_args.advantages", "group"],
-    "ReRULE (fill, group adv.)": ["--config", "configs/replay/hard_case_fill.yaml",
-                                  "--trainer.callbacks.init_args.advantages", "group"],
+    # the default ReRULE variant (docs/RESULTS.md §5): spend: fill, stored group advantages
+    "ReRULE (fill, group adv.)": ["--config", "configs/replay/hard_case_fill.yaml"],
+    "ReRULE (add, group adv.)": ["--config", "configs/replay/hard_case.yaml"],
+    # selection rounds 1-2 (RESULTS §5): running advantages, round 1 also without label balance
+    "ReRULE (fill, running adv.)": ["--config", "configs/replay/hard_case_fill.yaml",
+                                    "--trainer.callbacks.init_args.advantages", "running"],
+    "ReRULE (add, running adv.)": ["--config", "configs/replay/hard_case.yaml",
+                                   "--trainer.callbacks.init_args.advantages", "running"],
     "random replay": ["--config", "configs/replay/random.yaml"],
     "ReRULE without IS": ["--config", "configs/replay/hard_case_no_is.yaml"],
     "ReRULE (boundary groups)": ["--config", "configs/replay/hard_case_boundary.yaml"],
     "prompt replay": ["--config", "configs/replay/prompt_replay.yaml"],
 }
-DEFAULT_VARIANTS = ["RULE", "ReRULE (hard-case)", "random replay", "ReRULE without IS"]
+DEFAULT_VARIANTS = ["RULE", "ReRULE (fill, group adv.)", "random replay", "ReRULE without IS"]
 VAL_SPLITS = ["forget", "boundary_hard", "boundary_easy"]
 CURVE_PREFIXES = ("train/reward_mean_", "train/zero_std_frac_", "train/groups_", "replay/")
 TIMER_OVERLAY = "trainer:\n  callbacks+:\n    - class_path: benchmarks.timing.PhaseTimer\n"

@@ -1,7 +1,7 @@
 """``rerule demo``: the main job on the embedded default, through the same CLI a user types.
 
 prepare → rejection steering (``configs/embedded/rs.yaml``) → RULE (``configs/embedded/rule.yaml``) and
-ReRULE (the same plus ``configs/replay/hard_case.yaml``), both from the same rejection-steered model →
+ReRULE (the same plus ``configs/replay/hard_case_fill.yaml``, the default replay variant), both from the same rejection-steered model →
 evaluation (``configs/embedded/eval.yaml``) of every model, for each seed,
 then a results table (forget refusal, boundary accuracy by kind, retain accuracy, wall-clock per stage, MLflow
 run ids), also written to ``<output_dir>/results.json`` and ``results.md``.
@@ -149,7 +149,8 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 REPLAY_OVERLAYS = {
-    "hard_case": ("ReRULE (hard-case)", "configs/replay/hard_case.yaml"),
+    "hard_case": ("ReRULE (hard-case)", "configs/replay/hard_case_fill.yaml"),  # the default variant (RESULTS §5)
+    "hard_case_add": ("ReRULE (add)", "configs/replay/hard_case.yaml"),
     "random": ("random replay", "configs/replay/random.yaml"),
     "hard_case_no_is": ("ReRULE without IS", "configs/replay/hard_case_no_is.yaml"),
 }

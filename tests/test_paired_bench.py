@@ -137,13 +137,13 @@ def test_benchmark_end_to_end_on_the_tiny_world(tiny_prepared: dict, tmp_path: P
                                     "vocab_size": 512, "progress": False}))
     out = tmp_path / "bench"
     argv = ["--prepare_config", str(prep), "--cache_dir", cache, "--seeds", "0", "1", "--presets", "hard",
-            "--variants", "ReRULE (hard-case)", "--steps", "2", "--val_every", "1", "--val_items", "4",
+            "--variants", "ReRULE (fill, group adv.)", "--steps", "2", "--val_every", "1", "--val_items", "4",
             "--output_dir", str(out), "--tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]
     assert replay.main(argv) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
     order = [(r["seed"], r["stage"]) for r in runs]
-    assert order == [(0, "rejection steering"), (0, "RULE"), (0, "ReRULE (hard-case)"),
-                     (1, "rejection steering"), (1, "ReRULE (hard-case)"), (1, "RULE")]  # ABBA
+    assert order == [(0, "rejection steering"), (0, "RULE"), (0, "ReRULE (fill, group adv.)"),
+                     (1, "rejection steering"), (1, "ReRULE (fill, group adv.)"), (1, "RULE")]  # ABBA
     rule = runs[1]
     assert [s for s, _ in rule["curves"]["boundary_hard/answer_accuracy"]] == [1, 2]  # validation every step
     assert {"train/reward_mean_forget", "train/zero_std_frac_boundary_hard",
@@ -152,7 +152,7 @@ def test_benchmark_end_to_end_on_the_tiny_world(tiny_prepared: dict, tmp_path: P
     assert set(rule["by_group"]["collision"]["boundary_hard"]) <= {"both", "surname"}
     assert "replay/buffer_size" in runs[2]["curves"]
     table = (out / "table.md").read_text()
-    assert "ReRULE (hard-case)" in table and "| seed 0 | seed 1 | all seeds |" in (out / "disparity.md").read_text()
+    assert "ReRULE (fill, group adv.)" in table and "| seed 0 | seed 1 | all seeds |" in (out / "disparity.md").read_text()
     # resume: every run is recorded, nothing trains again
     before = (out / "results.json").read_text()
     assert replay.main(argv) == 0

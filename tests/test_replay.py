@@ -123,7 +123,7 @@ def test_one_group_per_prompt_the_newest(tiny_prepared):
 def test_boundary_only_overlay_stores_boundary_groups(tiny_prepared):
     args = overlay_args("hard_case_boundary.yaml")
     assert args["labels"] == ["boundary"]
-    cb = HardCaseReplayCallback(**{**args, "replay_start": 100})
+    cb = HardCaseReplayCallback(**{**args, "replay_start": 100, "advantages": "running"})  # zero-variance too
     fit(tiny_prepared, [cb], max_steps=10)
     assert len(cb.buffer) > 0 and cb.buffer.tally.totals.get("admitted_boundary", 0) > 0
     # with a threshold every forget group qualifies, and still none is stored
