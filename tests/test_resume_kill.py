@@ -94,6 +94,18 @@ def step_of(path: Path) -> int:
     return int(path.stem.split("step=")[1]) if "step=" in path.stem else -1
 
 
+def last_is_current(last: Path, newest: Path) -> bool:
+    """Whether ``last.ckpt`` already holds the newest step checkpoint's state. The step file is written first and
+    ``last.ckpt`` right after it, so a kill between the two left ``last.ckpt`` one checkpoint behind (a flaky
+    failure on some machines): wait for both."""
+    try:
+        if last.is_symlink():
+            return step_of(Path(os.readlink(last))) >= step_of(newest)
+        return last.exists() and last.stat().st_mtime_ns >= newest.stat().st_mtime_ns
+    except FileNotFoundError:  # replaced while we looked
+        return False
+
+
 def kill_in_hybrid_phase(cmd: list[str], env: dict[str, str], cwd: Path, ckpt_dir: Path) -> int:
     """Start ``cmd``; SIGKILL it as soon as a checkpoint at a step >= COLLECT exists. Returns that step."""
     log = cwd / "cut.log"
@@ -102,11 +114,11 @@ def kill_in_hybrid_phase(cmd: list[str], env: dict[str, str], cwd: Path, ckpt_di
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline:
-            steps = [step_of(p) for p in ckpt_dir.glob("*step=*.ckpt")] if ckpt_dir.exists() else []
-            if steps and max(steps) >= COLLECT:
+            paths = sorted(ckpt_dir.glob("*step=*.ckpt"), key=step_of) if ckpt_dir.exists() else []
+            if paths and step_of(paths[-1]) >= COLLECT and last_is_current(ckpt_dir / "last.ckpt", paths[-1]):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
-                return max(steps)
+                return step_of(paths[-1])
             if proc.poll() is not None:
                 pytest.fail(f"the run ended (status {proc.returncode}) before it could be killed:\n"
                             f"{log.read_text()[-4000:]}")
