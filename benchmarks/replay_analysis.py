@@ -191,11 +191,22 @@ def collision_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def mean_curve(curves: list[list[list[float]]]) -> tuple[list[int], list[float]]:
-    """Mean over seeds at the steps every seed has."""
-    common = set.intersection(*[{int(s) for s, _ in c} for c in curves]) if curves else set()
-    steps = sorted(common)
-    return steps, [statistics.fmean(v for c in curves for s, v in c if int(s) == st) for st in steps]
+def _mean_curve(records: list[dict], stage: str, preset: str, key: str) -> tuple[list[int], list[float]]:
+    """Mean over the seeds of ``stage`` / ``preset`` of the curve ``key`` (:func:`rerule_lightning.plots.mean_curve`)."""
+    from rerule_lightning.plots import mean_curve
+
+    steps, means, _ = mean_curve([r["curves"][key] for r in records
+                                  if (r["stage"], r["preset"]) == (stage, preset) and r["curves"].get(key)])
+    return steps, means
+
+
+def _save(fig: Any, path: str, written: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
 
 
 def plot(records: list[dict], output_dir: str) -> list[str]:
@@ -209,34 +220,23 @@ def plot(records: list[dict], output_dir: str) -> list[str]:
     for preset in dict.fromkeys(r["preset"] for r in records if r["preset"]):
         fig, ax = plt.subplots(figsize=(7, 4))
         for stage in dict.fromkeys(r["stage"] for r in records if r["preset"] == preset):
-            curves = [r["curves"].get(HEADLINE_CURVE, []) for r in records if (r["stage"], r["preset"]) == (stage, preset)]
-            steps, ys = mean_curve([c for c in curves if c])
+            steps, ys = _mean_curve(records, stage, preset, HEADLINE_CURVE)
             if steps:
                 ax.plot(steps, ys, marker="o", ms=3, label=stage)
         ax.set(xlabel="GRPO step", ylabel="same-family accuracy (validation subsample)", title=f"preset {preset}")
         ax.legend(fontsize=8)
-        path = os.path.join(output_dir, f"same_family_accuracy_{preset}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        _save(fig, os.path.join(output_dir, f"same_family_accuracy_{preset}.png"), written)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for kind in ("forget", "boundary_hard", "boundary_easy"):
             for ax, metric in zip(axes, ("reward_mean", "zero_std_frac"), strict=True):
-                curves = [r["curves"].get(f"train/{metric}_{kind}", []) for r in records
-                          if (r["stage"], r["preset"]) == (BASELINE, preset)]
-                steps, ys = mean_curve([c for c in curves if c])
+                steps, ys = _mean_curve(records, BASELINE, preset, f"train/{metric}_{kind}")
                 if steps:  # a 5-step moving average: 1–2 same-family groups per step are noisy
                     sm = [statistics.fmean(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]
                     ax.plot(steps, sm, label=kind)
         for ax, title in zip(axes, ("mean reward", "zero-variance fraction of groups"), strict=True):
             ax.set(xlabel="GRPO step", title=f"RULE, preset {preset}: {title} (5-step mean)")
             ax.legend(fontsize=8)
-        path = os.path.join(output_dir, f"rule_signal_by_kind_{preset}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        _save(fig, os.path.join(output_dir, f"rule_signal_by_kind_{preset}.png"), written)
     return written
 
 
@@ -267,5 +267,5 @@ def write_outputs(output_dir: str) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["CRITERIA", "collision_table", "comparison_rows", "disparity", "mean_curve", "plot", "render_disparity",
+__all__ = ["CRITERIA", "collision_table", "comparison_rows", "disparity", "plot", "render_disparity",
            "render_table", "steps_to_baseline", "write_outputs"]

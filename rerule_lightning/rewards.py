@@ -62,8 +62,7 @@ def _boundary_item(completion: str, reference: str | None, value: str | None, re
     return 1.0 if rouge_l_recall(completion, reference or "") >= recall_threshold else 0.5
 
 
-def _check_verify(verify: str, n: int, references: Sequence[Any] | None, values: Sequence[Any] | None,
-                  fn: str) -> None:
+def _check_verify(verify: str, references: Sequence[Any] | None, values: Sequence[Any] | None, fn: str) -> None:
     if verify not in VERIFY_MODES:
         raise ValueError(f"{fn}(verify={verify!r}): choose {' or '.join(VERIFY_MODES)}")
     column = values if verify == "fact" else references
@@ -133,7 +132,7 @@ def boundary_reward(prompts: list[str], completions: list[str], *, references: l
     """
     n = len(completions)
     _check_lengths(n, prompts=prompts, references=references, values=values)
-    _check_verify(verify, n, references, values, "boundary_reward")
+    _check_verify(verify, references, values, "boundary_reward")
     return [_boundary_checked(i, c, references, values, recall_threshold, verify) for i, c in enumerate(completions)]
 
 
