@@ -47,6 +47,12 @@ VARIANTS: dict[str, list[str]] = {
                                     "--trainer.callbacks.init_args.advantages", "running"],
     "ReRULE (add, running adv.)": ["--config", "configs/replay/hard_case.yaml",
                                    "--trainer.callbacks.init_args.advantages", "running"],
+    # selection round 4 (RESULTS §5): running advantages for the forget label only, so that zero-variance hard
+    # forget groups (every completion answers) are stored and replayed; boundary keeps its stored advantages
+    "ReRULE (fill, label adv.)": ["--config", "configs/replay/hard_case_fill.yaml",
+                                  "--trainer.callbacks.init_args.advantages", "{forget: running, boundary: group}"],
+    "ReRULE (add, label adv.)": ["--config", "configs/replay/hard_case.yaml",
+                                 "--trainer.callbacks.init_args.advantages", "{forget: running, boundary: group}"],
     "random replay": ["--config", "configs/replay/random.yaml"],
     "ReRULE without IS": ["--config", "configs/replay/hard_case_no_is.yaml"],
     "ReRULE (boundary groups)": ["--config", "configs/replay/hard_case_boundary.yaml"],

@@ -51,6 +51,20 @@ def option_errors(correction: str, is_level: str, is_cap: float, replay_loss_wei
     return [msg for ok, msg in checks if not ok]
 
 
+ADVANTAGE_MODES = ("group", "running")
+
+
+def advantage_checks(advantages: Any) -> list[tuple[bool, str]]:
+    """Validation of ``advantages``: a mode, or a non-empty ``{label: mode}`` mapping."""
+    if isinstance(advantages, str):
+        return [(advantages in ADVANTAGE_MODES, f"advantages={advantages!r}: choose group or running, "
+                                                "or {label: mode}")]
+    if not isinstance(advantages, dict) or not advantages:
+        return [(False, f"advantages={advantages!r}: choose group or running, or a non-empty {{label: mode}}")]
+    return [(mode in ADVANTAGE_MODES, f"advantages[{label!r}]={mode!r}: choose group or running")
+            for label, mode in advantages.items()]
+
+
 def schedule_errors(value: Any, name: str) -> list[str]:
     """Validation of a schedule argument (``collect_steps`` / ``replay_start``)."""
     if value is None or value == "adaptive" and name == "replay_start":

@@ -43,6 +43,7 @@ from callbacks.buffer import (
     LabelStats,
     ReplayBuffer,
     Schedule,
+    advantage_checks,
     option_errors,
     resolve_schedule,
     running_advantages,
@@ -64,7 +65,8 @@ class ReplayCallback(L.Callback):
 
     def __init__(self, *, collect_steps: Schedule, replay_start: Schedule | str, adaptive_threshold: float,
                  window: int, prompt_momentum: float, spend: str, replay_groups: int | None, capacity: int,
-                 max_replays: int, max_age: int | None, advantages: str, advantage_std_floor: float,
+                 max_replays: int, max_age: int | None, advantages: str | dict[str, str],
+                 advantage_std_floor: float,
                  require_variance: bool | None, labels: list[str] | None, seed: int, options: dict[str, Any],
                  errors: list[str] | None = None, balance_labels: bool = True) -> None:
         errors = list(errors or [])
@@ -76,7 +78,7 @@ class ReplayCallback(L.Callback):
                   (replay_groups is None or replay_groups >= 1, f"replay_groups={replay_groups}: must be >= 1"),
                   (spend in ("add", "fill"), f"spend={spend!r}: choose add or fill"),
                   (not (spend == "add" and replay_groups is None), "replay_groups=null: only with spend: fill"),
-                  (advantages in ("group", "running"), f"advantages={advantages!r}: choose group or running"),
+                  *advantage_checks(advantages),
                   (advantage_std_floor > 0, f"advantage_std_floor={advantage_std_floor}: must be > 0"),
                   (0.0 <= prompt_momentum < 1.0, f"prompt_momentum={prompt_momentum}: must be in [0, 1)"),
                   (0.0 < adaptive_threshold <= 1.0, f"adaptive_threshold={adaptive_threshold}: must be in (0, 1]")]
@@ -88,7 +90,7 @@ class ReplayCallback(L.Callback):
         self.spend, self.replay_groups = spend, replay_groups
         self.max_replays, self.max_age = max_replays, max_age
         self.advantage_mode, self.advantage_std_floor = advantages, advantage_std_floor
-        self.require_variance = (advantages == "group") if require_variance is None else require_variance
+        self.require_variance = require_variance
         self.labels = None if labels is None else set(labels)
         self.balance_labels = balance_labels
         self.seed, self.options = seed, {"spend": spend, "match_labels": balance_labels, **options}
@@ -108,7 +110,19 @@ class ReplayCallback(L.Callback):
             return False
         if self.reuses_rollouts and group.behaviour_logprobs is None:  # left out of its step (fill)
             return False
-        return not (self.require_variance and zero_variance(group.rewards))
+        return not (self.needs_variance(group.label) and zero_variance(group.rewards))
+
+    def mode(self, label: str) -> str:
+        """The advantage mode of a label: ``advantages`` itself, or its entry in the per-label mapping
+        (``*`` the fallback, else ``group``)."""
+        if isinstance(self.advantage_mode, str):
+            return self.advantage_mode
+        return self.advantage_mode.get(label, self.advantage_mode.get("*", "group"))
+
+    def needs_variance(self, label: str) -> bool:
+        """Whether a zero-variance group of this label is refused: ``require_variance``, or (``None``) exactly
+        when the label's advantages are ``group`` (a zero-variance group has none)."""
+        return self.mode(label) == "group" if self.require_variance is None else bool(self.require_variance)
 
     def priority(self, entry: Entry) -> float:
         """Sampling weight (> 0)."""
@@ -128,8 +142,8 @@ class ReplayCallback(L.Callback):
         batch["replay_options"] = dict(self.options)
 
     def with_advantages(self, g: RolloutGroup) -> RolloutGroup:
-        """A copy of a stored group with its replay advantages (``group`` or ``running``)."""
-        if self.advantage_mode == "group":
+        """A copy of a stored group with its replay advantages (its label's mode: ``group`` or ``running``)."""
+        if self.mode(g.label) == "group":
             adv = g.advantages if g.advantages is not None else torch.zeros_like(g.rewards)
         else:
             mean = self.stats.mean(g.label)
@@ -305,10 +319,11 @@ class HardCaseReplayCallback(ReplayCallback):
         is_level: Importance ratio per ``token`` or per ``sequence`` (geometric mean of token ratios).
         is_cap: c̄, the truncation cap of ``truncated``.
         advantages: ``running`` ((r − label mean) / label std, fresh scale; zero-variance groups admitted) or
-            ``group`` (stored group-normalised advantages; zero-variance groups refused).
+            ``group`` (stored group-normalised advantages; zero-variance groups refused), or one per label,
+            e.g. ``{forget: running, boundary: group}`` (``*``: the other labels; unlisted: ``group``).
         advantage_std_floor: Least label std used by ``running`` advantages.
         replay_loss_weight: Per-token weight of replayed tokens under the shared normaliser (module docstring).
-        require_variance: Refuse zero-variance groups (``None``: only with ``advantages: group``).
+        require_variance: Refuse zero-variance groups (``None``: exactly for labels whose advantages are ``group``).
         labels: Prompt labels that may be admitted (``None`` = all), e.g. ``[boundary]``.
         balance_labels: Equal replay quotas per label, and ``fill`` slots filled only by stored groups of the
             fresh group's own label, so replay keeps the batches' 1:1 forget/boundary mix (off: priority alone).
@@ -324,7 +339,8 @@ class HardCaseReplayCallback(ReplayCallback):
                  replay_penalty: float = 1.0, max_replays: int = 3, max_age: int | None = None,
                  correction: Literal["truncated", "clipped", "none"] = "truncated",
                  is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
-                 advantages: Literal["group", "running"] = "running", advantage_std_floor: float = 0.1,
+                 advantages: Literal["group", "running"] | dict[str, Literal["group", "running"]] = "running",
+                 advantage_std_floor: float = 0.1,
                  replay_loss_weight: float = 1.0, require_variance: bool | None = None,
                  labels: list[str] | None = None, balance_labels: bool = True, seed: int = 0) -> None:
         errors = [msg for ok, msg in [
@@ -390,10 +406,10 @@ class RandomReplayCallback(ReplayCallback):
         correction: ``truncated``, ``clipped`` or ``none``.
         is_level: Importance ratio per ``token`` or per ``sequence``.
         is_cap: c̄, the truncation cap of ``truncated``.
-        advantages: ``running`` or ``group``.
+        advantages: ``running`` or ``group``, or one per label (as :class:`HardCaseReplayCallback`).
         advantage_std_floor: Least label std used by ``running`` advantages.
         replay_loss_weight: Per-token weight of replayed tokens under the shared normaliser.
-        require_variance: Refuse zero-variance groups (``None``: only with ``advantages: group``).
+        require_variance: Refuse zero-variance groups (``None``: exactly for labels whose advantages are ``group``).
         labels: Prompt labels that may be stored (``None`` = all).
         balance_labels: Equal replay quotas per label (as :class:`HardCaseReplayCallback`).
         seed: Seed of replay sampling.
@@ -405,7 +421,8 @@ class RandomReplayCallback(ReplayCallback):
                  max_replays: int = 3, max_age: int | None = None,
                  correction: Literal["truncated", "clipped", "none"] = "truncated",
                  is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
-                 advantages: Literal["group", "running"] = "running", advantage_std_floor: float = 0.1,
+                 advantages: Literal["group", "running"] | dict[str, Literal["group", "running"]] = "running",
+                 advantage_std_floor: float = 0.1,
                  replay_loss_weight: float = 1.0, require_variance: bool | None = None,
                  labels: list[str] | None = None, balance_labels: bool = True, seed: int = 0) -> None:
         super().__init__(collect_steps=collect_steps, replay_start=replay_start, balance_labels=balance_labels,

@@ -153,6 +153,33 @@ def test_zero_variance_admission_follows_the_advantages():
     assert RandomReplayCallback().admissible(context[0][0])
 
 
+def test_advantages_per_label_admit_and_score_each_label_by_its_own_mode():
+    """``{forget: running, boundary: group}``: an all-answer forget group (zero variance) is admitted and replayed
+    with (r - forget mean) / forget std; a zero-variance boundary group is refused and a mixed one keeps its
+    stored within-group advantages."""
+    cb = HardCaseReplayCallback(advantages={"forget": "running", "boundary": "group"}, margin=0.1)
+    f_ctx = [(make_group(f"f{i}", [1.0, 1.0, 1.0, 0.0], label="forget"), False) for i in range(6)]
+    b_ctx = [(make_group(f"b{i}", [1.0, 1.0, 1.0, 1.0]), False) for i in range(6)]
+    f_flat = make_group("fz", [0.0] * 4, label="forget")
+    b_flat, b_mixed = make_group("bz", [0.0] * 4), make_group("bm", [0.0, 0.5, 0.0, 0.0])
+    b_mixed.advantages = torch.tensor([-0.5, 1.5, -0.5, -0.5])
+    cb.observe(f_ctx + b_ctx + [(f_flat, False), (b_flat, False), (b_mixed, False)], batch=0)
+    assert cb.mode("forget") == "running" and cb.mode("boundary") == "group" and cb.mode("other") == "group"
+    assert cb.admissible(f_flat) and not cb.admissible(b_flat) and cb.admissible(b_mixed)
+    # forget window: 6 groups of [1, 1, 1, 0] and one of zeros: mean of group means (6 * 0.75) / 7, pooled std
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0] * 6 + [0.0] * 4)
+    mean, std = 4.5 / 7, float(rewards.std())  # Bessel-corrected, as LabelStats
+    assert cb.stats.mean("forget") == pytest.approx(mean) and cb.stats.std("forget") == pytest.approx(std, rel=1e-6)
+    adv = cb.with_advantages(f_flat).advantages
+    torch.testing.assert_close(adv, torch.full((4,), (0.0 - mean) / (std + 1e-4)))
+    torch.testing.assert_close(cb.with_advantages(b_mixed).advantages, b_mixed.advantages)
+    assert HardCaseReplayCallback(advantages={"*": "running"}).mode("boundary") == "running"
+    with pytest.raises(ValueError, match=r"advantages\['forget'\]='sometimes': choose group or running"):
+        HardCaseReplayCallback(advantages={"forget": "sometimes"})
+    with pytest.raises(ValueError, match=r"advantages=\{\}"):
+        HardCaseReplayCallback(advantages={})
+
+
 def test_retirement_uses_the_prompt_moving_average_not_one_group():
     cb = HardCaseReplayCallback(margin=0.1, prompt_momentum=0.5, window=64)
     context = [(make_group(f"c{i}", [0.5, 1.0, 1.0, 0.5]), False) for i in range(40)]  # label mean 0.75
