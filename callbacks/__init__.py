@@ -5,6 +5,7 @@ The buffer's decisions (hardness, priority, eviction, counts) are plain Python i
 """
 
 from callbacks.prompt_replay import PromptReplayCallback
-from callbacks.replay import HardCaseReplayCallback, RandomReplayCallback, ReplayCallback
+from callbacks.replay import HardCaseReplayCallback, RandomReplayCallback
+from callbacks.replay_base import ReplayCallback
 
 __all__ = ["HardCaseReplayCallback", "PromptReplayCallback", "RandomReplayCallback", "ReplayCallback"]
