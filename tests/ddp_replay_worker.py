@@ -38,10 +38,12 @@ def main() -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     if mode == "add":
-        cb = HardCaseReplayCallback(collect_steps=2, replay_start=2, reward_threshold=1.0, require_variance=False,
+        cb = HardCaseReplayCallback(spend="add", advantages="running",
+                                    collect_steps=2, replay_start=2, reward_threshold=1.0, require_variance=False,
                                     replay_groups=1, max_replays=5, retire_solved=False)
     elif mode == "fill":  # ranks use different numbers of the offered groups (their own zero-variance count)
-        cb = HardCaseReplayCallback(spend="fill", replay_groups=None, replay_start=1, reward_threshold=1.0,
+        cb = HardCaseReplayCallback(advantages="running", spend="fill",
+                                    replay_groups=None, replay_start=1, reward_threshold=1.0,
                                     max_replays=5, retire_solved=False)
     else:  # appended prompts must keep every rank's batch the same size
         cb = PromptReplayCallback(replay_start=1, reward_threshold=1.0, replay_groups=1, retire_solved=False)

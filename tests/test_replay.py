@@ -74,7 +74,8 @@ def overlay_args(name: str) -> dict:
 def test_same_family_boundary_groups_are_admitted_by_the_label_relative_rule(tiny_prepared):
     # margin 0: any group below its label's running mean is hard (with the default 0.1 whether a same-family group
     # qualifies within 10 steps depended on the sampled completions, hence on the machine and thread count)
-    cb = HardCaseReplayCallback(replay_start=100, retire_solved=False, margin=0.0)  # window 64
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running",
+                                replay_start=100, retire_solved=False, margin=0.0)  # window 64
     spy = Spy()
     fit(tiny_prepared, [cb, spy], max_steps=10)
     # the rule, recomputed from the groups the module returned: the step's groups enter their label's
@@ -102,7 +103,8 @@ def test_same_family_boundary_groups_are_admitted_by_the_label_relative_rule(tin
 
 
 def test_one_group_per_prompt_the_newest(tiny_prepared):
-    cb = HardCaseReplayCallback(reward_threshold=1.0, replay_start=100, retire_solved=False)  # admit everything
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running",
+                                reward_threshold=1.0, replay_start=100, retire_solved=False)  # admit everything
     spy = Spy()
     module = fit(tiny_prepared, [cb, spy], max_steps=14)
     fresh = [g for groups in spy.groups for g in groups]
@@ -142,22 +144,24 @@ def test_zero_variance_admission_follows_the_advantages():
     context = [(make_group(f"c{i}", [1.0, 0.5, 1.0, 1.0]), False) for i in range(6)]
     for advantages, require, admits_flat in [("running", None, True), ("group", None, False),
                                               ("running", True, False)]:
-        cb = HardCaseReplayCallback(advantages=advantages, require_variance=require)
+        cb = HardCaseReplayCallback(spend="add", replay_groups=2,
+                                    advantages=advantages, require_variance=require)
         cb.observe(context + [(flat, False), (mixed, False)], batch=0)
         assert cb.admissible(flat) is admits_flat and cb.admissible(mixed)
     left_out = make_group("d", [0.0, 0.0, 0.0, 0.0])
     left_out.behaviour_logprobs = None  # not forwarded in its step (fill): cannot be replayed
     cb.observe([(left_out, False)], batch=0)
-    assert not HardCaseReplayCallback().admissible(left_out)
+    assert not HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running").admissible(left_out)
     # random replay: no hardness at all (the easy context groups qualify too)
-    assert RandomReplayCallback().admissible(context[0][0])
+    assert RandomReplayCallback(spend="add", replay_groups=2, advantages="running").admissible(context[0][0])
 
 
 def test_advantages_per_label_admit_and_score_each_label_by_its_own_mode():
     """``{forget: running, boundary: group}``: an all-answer forget group (zero variance) is admitted and replayed
     with (r - forget mean) / forget std; a zero-variance boundary group is refused and a mixed one keeps its
     stored within-group advantages."""
-    cb = HardCaseReplayCallback(advantages={"forget": "running", "boundary": "group"}, margin=0.1)
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2,
+                                advantages={"forget": "running", "boundary": "group"}, margin=0.1)
     f_ctx = [(make_group(f"f{i}", [1.0, 1.0, 1.0, 0.0], label="forget"), False) for i in range(6)]
     b_ctx = [(make_group(f"b{i}", [1.0, 1.0, 1.0, 1.0]), False) for i in range(6)]
     f_flat = make_group("fz", [0.0] * 4, label="forget")
@@ -173,15 +177,17 @@ def test_advantages_per_label_admit_and_score_each_label_by_its_own_mode():
     adv = cb.with_advantages(f_flat).advantages
     torch.testing.assert_close(adv, torch.full((4,), (0.0 - mean) / (std + 1e-4)))
     torch.testing.assert_close(cb.with_advantages(b_mixed).advantages, b_mixed.advantages)
-    assert HardCaseReplayCallback(advantages={"*": "running"}).mode("boundary") == "running"
+    assert HardCaseReplayCallback(spend="add", replay_groups=2,
+                                  advantages={"*": "running"}).mode("boundary") == "running"
     with pytest.raises(ValueError, match=r"advantages\['forget'\]='sometimes': choose group or running"):
-        HardCaseReplayCallback(advantages={"forget": "sometimes"})
+        HardCaseReplayCallback(spend="add", replay_groups=2, advantages={"forget": "sometimes"})
     with pytest.raises(ValueError, match=r"advantages=\{\}"):
-        HardCaseReplayCallback(advantages={})
+        HardCaseReplayCallback(spend="add", replay_groups=2, advantages={})
 
 
 def test_retirement_uses_the_prompt_moving_average_not_one_group():
-    cb = HardCaseReplayCallback(margin=0.1, prompt_momentum=0.5, window=64)
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running",
+                                margin=0.1, prompt_momentum=0.5, window=64)
     context = [(make_group(f"c{i}", [0.5, 1.0, 1.0, 0.5]), False) for i in range(40)]  # label mean 0.75
     hard = make_group("p", [0.0, 0.0, 0.5, 0.0])  # mean 0.125
     cb.observe(context + [(hard, False)], batch=0)
@@ -191,11 +197,12 @@ def test_retirement_uses_the_prompt_moving_average_not_one_group():
     assert not cb.retire(entry), "one solved group retired the prompt"
     cb.observe([(make_group("p", [1.0] * 4, step=2), False)], batch=2)  # EMA 0.78: no longer hard
     assert cb.retire(entry)
-    assert not HardCaseReplayCallback(retire_solved=False).retire(entry)
+    assert not HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running",
+                                      retire_solved=False).retire(entry)
 
 
 def test_priority_favours_low_running_success_and_few_replays():
-    cb = HardCaseReplayCallback(margin=0.1)
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running", margin=0.1)
     context = [(make_group(f"c{i}", [1.0, 1.0, 1.0, 1.0]), False) for i in range(3)]
     lo, mid = make_group("lo", [0.0, 0.0, 0.0, 0.0]), make_group("mid", [0.5, 0.5, 0.5, 0.5])
     cb.observe(context + [(lo, False), (mid, False)], batch=0)  # label mean (3 + 0 + 0.5) / 5 = 0.7
@@ -206,7 +213,8 @@ def test_priority_favours_low_running_success_and_few_replays():
 
 
 def test_schedule_counts_rollout_batches_and_fractions(tiny_prepared):
-    cb = HardCaseReplayCallback(collect_steps=0.6, replay_start=2, reward_threshold=1.0, max_replays=10,
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running",
+                                collect_steps=0.6, replay_start=2, reward_threshold=1.0, max_replays=10,
                                 retire_solved=False)
     spy = Spy()
     fit(tiny_prepared, [cb, spy], max_steps=5)
@@ -219,7 +227,8 @@ def test_schedule_counts_rollout_batches_and_fractions(tiny_prepared):
 def test_adaptive_start_once_a_label_window_is_mostly_zero_variance(tiny_prepared):
     # the unsteered tiny target never refuses: every forget group is all-zero, 2 per step; window 6 is full
     # after step 2, so replay starts at step 3
-    cb = HardCaseReplayCallback(replay_start="adaptive", adaptive_threshold=0.9, window=6, reward_threshold=1.0)
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running",
+                                replay_start="adaptive", adaptive_threshold=0.9, window=6, reward_threshold=1.0)
     spy = Spy()
     fit(tiny_prepared, [cb, spy], max_steps=5)
     assert cb.replay_from == 3 and spy.replayed == [0, 0, 0, 2, 2]
@@ -233,18 +242,18 @@ def test_bad_arguments_name_the_parameter():
                          ({"replay_groups": None}, "replay_groups"), ({"hardness": "x"}, "hardness"),
                          ({"quantile": 1.0}, "quantile"), ({"window": 0}, "window")]:
         with pytest.raises(ValueError, match=name):
-            HardCaseReplayCallback(**kwargs)
+            HardCaseReplayCallback(**{"spend": "add", "replay_groups": 2, **kwargs})
     HardCaseReplayCallback(spend="fill", replay_groups=None)  # null is valid with fill
 
 
 def test_state_dict_round_trip_loads_with_weights_only(tmp_path):
-    cb = HardCaseReplayCallback()
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running")
     cb.collect_end, cb.replay_from, cb.resolved = 4, 2, True
     cb.observe([(make_group("p", [0.0, 0.5, 0.0, 0.0], 1), False)], batch=1)
     cb.buffer.put(Entry(make_group("p", [0.0, 0.5, 0.0, 0.0], 1), replays=1))
     torch.save(cb.state_dict(), tmp_path / "cb.pt")
     state = torch.load(tmp_path / "cb.pt", weights_only=True)
-    other = HardCaseReplayCallback()
+    other = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running")
     other.load_state_dict(state)
     assert (other.collect_end, other.replay_from, other.resolved) == (4, 2, True)
     assert other.success == {"p": 0.125} and other.stats.rewards == cb.stats.rewards
@@ -253,7 +262,7 @@ def test_state_dict_round_trip_loads_with_weights_only(tmp_path):
 
 
 def test_random_replay_stores_every_group_and_never_retires(tiny_prepared):
-    cb = RandomReplayCallback(replay_start=100)
+    cb = RandomReplayCallback(spend="add", replay_groups=2, advantages="running", replay_start=100)
     spy = Spy()
     fit(tiny_prepared, [cb, spy], max_steps=6)
     seen = {g.prompt_id: g.step for groups in spy.groups for g in groups}
@@ -285,7 +294,8 @@ def test_prompt_replay_resamples_stored_prompts_before_generation(tiny_prepared)
 
 def test_resume_inside_replay_phase_matches_uninterrupted_run(tiny_prepared, tmp_path):
     def cb() -> HardCaseReplayCallback:
-        return HardCaseReplayCallback(replay_start=2, reward_threshold=1.0, replay_groups=2, max_replays=3,
+        return HardCaseReplayCallback(spend="add", advantages="running",
+                                      replay_start=2, reward_threshold=1.0, replay_groups=2, max_replays=3,
                                       retire_solved=False)
 
     full_cb = cb()
@@ -318,3 +328,14 @@ def test_module_unchanged_without_callback(tiny_prepared):
     b = fit(tiny_prepared, [L.Callback()], max_steps=2)
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.equal(x, y)
+
+
+def test_class_defaults_are_the_shipped_default_overlay():
+    """``class_path: callbacks.HardCaseReplayCallback`` without init_args is the selected default variant."""
+    import inspect
+
+    args = overlay_args("hard_case_fill.yaml")
+    params = inspect.signature(HardCaseReplayCallback).parameters
+    assert set(args) <= set(params)
+    assert {k: params[k].default for k in args} == args
+    assert args["spend"] == "fill" and args["advantages"] == "group" and args["replay_groups"] is None

@@ -168,7 +168,7 @@ def test_balanced_draw_gives_each_label_its_quota() -> None:
                   behaviour_logprobs=_t.zeros(2, 3), rewards=_t.tensor([0.0, 0.5]), step=0)
 
     for spend, n, expect in (("add", 2, {"forget": 1, "boundary": 1}), ("fill", 3, {"forget": 1, "boundary": 3})):
-        cb = HardCaseReplayCallback(spend=spend, replay_groups=n)
+        cb = HardCaseReplayCallback(advantages="running", spend=spend, replay_groups=n)
         from callbacks.buffer import Entry
         cb.buffer.entries = [Entry(group(f"b{i}", "boundary")) for i in range(5)] + [Entry(group("f0", "forget"))]
         cb.stats.add("forget", _t.tensor([0.0, 1.0]))
@@ -177,5 +177,6 @@ def test_balanced_draw_gives_each_label_its_quota() -> None:
         labels = [cb.buffer.entries[i].group.label for i in chosen]
         assert {lab: labels.count(lab) for lab in set(labels)} == expect, spend
         assert len(set(chosen)) == len(chosen)
-        unbalanced = HardCaseReplayCallback(spend=spend, replay_groups=n, balance_labels=False)
+        unbalanced = HardCaseReplayCallback(advantages="running",
+                                            spend=spend, replay_groups=n, balance_labels=False)
         assert unbalanced.options["match_labels"] is False and cb.options["match_labels"] is True

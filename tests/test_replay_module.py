@@ -67,7 +67,8 @@ def fit(tiny_prepared: dict, callbacks: list, max_steps: int, **module_kw) -> GR
 
 
 def test_fill_trains_on_at_most_BG_sequences_and_replaces_exactly_the_zero_variance_groups(tiny_prepared):
-    cb = HardCaseReplayCallback(spend="fill", replay_groups=None, replay_start=1, reward_threshold=1.0,
+    cb = HardCaseReplayCallback(advantages="running", spend="fill",
+                                replay_groups=None, replay_start=1, reward_threshold=1.0,
                                 max_replays=10, retire_solved=False)
     spy = Spy()
     module = fit(tiny_prepared, [cb, spy], max_steps=4)
@@ -120,7 +121,8 @@ def test_fresh_and_replayed_tokens_share_one_normaliser_on_the_real_step(tiny_pr
 
             pl_module.sequence_logprobs = wrapped
 
-    cb = HardCaseReplayCallback(replay_start=1, reward_threshold=1.0, replay_groups=2, replay_loss_weight=0.5)
+    cb = HardCaseReplayCallback(spend="add", advantages="running",
+                                replay_start=1, reward_threshold=1.0, replay_groups=2, replay_loss_weight=0.5)
     spy = Spy()
     fit(tiny_prepared, [cb, spy, Capture()], max_steps=2)
     c, replay = calls[1], spy.offered[1]
@@ -159,7 +161,8 @@ def test_two_iterations_per_rollout_batch(tiny_prepared, monkeypatch):
         return loss, stats
 
     monkeypatch.setattr(gm, "grpo_loss", spy_loss)
-    cb = HardCaseReplayCallback(replay_start=0.5, reward_threshold=1.0, retire_solved=False)
+    cb = HardCaseReplayCallback(spend="add", replay_groups=2, advantages="running",
+                                replay_start=0.5, reward_threshold=1.0, retire_solved=False)
     spy = Spy()
     module = fit(tiny_prepared, [cb, spy], max_steps=4, num_iterations=2, learning_rate=1e-2, max_grad_norm=0.0)
     # Lightning counts both optimizer steps of a batch in global_step: 4 steps = 2 rollout batches

@@ -44,7 +44,8 @@ def tiny_checkpoint(tiny_prepared: dict, directory: Path, steps: int = 3) -> Pat
     module = GRPOUnlearningModule(policy=PolicyConfig(name_or_path=links["target"]), num_generations=2,
                                   max_new_tokens=4, learning_rate=1e-3, beta=0.01, temperature=2.0)
     data = ForgetRetainDataModule(world_dir=links["world"], preset="hard", batch_size=2)
-    replay = HardCaseReplayCallback(collect_steps=2, reward_threshold=1.0, require_variance=False, replay_groups=1)
+    replay = HardCaseReplayCallback(spend="add", advantages="running",
+                                    collect_steps=2, reward_threshold=1.0, require_variance=False, replay_groups=1)
     ckpt = ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_last=True)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[replay, ckpt],
