@@ -20,13 +20,15 @@ from datamodules.benchmarks.rwku import (
     related_entities,
     render_rwku,
     rl_prompts,
+    strip_forget_request,
 )
 from rerule_lightning.cli import lightning_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "rwku"
 CONFIGS = ROOT / "configs"
-INTROS = {r["target"]: r["intro"] for r in map(json.loads, (FIX / "forget_target" / "train.jsonl").read_text().split("\n")[:-1])}
+# the fixture's intros start "Please forget X." as RWKU's do; the datamodule strips that sentence first
+INTROS = {r["target"]: strip_forget_request(r["intro"]) for r in map(json.loads, (FIX / "forget_target" / "train.jsonl").read_text().split("\n")[:-1])}
 
 
 class Tok:
@@ -315,7 +317,7 @@ def test_qlora_rejection_steering_through_the_shipped_config(tiny_chat_model: st
                           "--model.init_args.policy.name_or_path", tiny_chat_model,
                           "--model.init_args.policy.tokenizer", tiny_chat_model,
                           "--model.init_args.policy.dtype", "float32", "--model.init_args.export_dir", str(rs_dir),
-                          "--data.init_args.tokenizer", tiny_chat_model, "--data.init_args.refusal_fraction", "0.5",
+                          "--data.init_args.tokenizer", tiny_chat_model, "--data.init_args.refusal_fraction", "0.5", "--data.init_args.min_refusals", "1",
                           "--data.init_args.batch_size", "2", f"{bench}source", str(FIX),
                           f"{bench}tokenizer", tiny_chat_model, f"{bench}reference_model", tiny_chat_model,
                           f"{bench}reference_max_new_tokens", "4", f"{bench}cache_dir", str(tmp_path / "cache"),

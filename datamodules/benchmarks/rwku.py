@@ -43,7 +43,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from datamodules.benchmarks.base import BenchmarkDataModule
+from datamodules.benchmarks.base import BenchmarkDataModule, data_note
 from datamodules.benchmarks.rwku_prompts import (  # noqa: F401  (re-exported: the prompt construction API)
     QUESTION_TEMPLATES,
     assert_disjoint,
@@ -56,6 +56,7 @@ from datamodules.benchmarks.rwku_prompts import (  # noqa: F401  (re-exported: t
     render_rwku,
     rl_prompts,
     select_targets,
+    strip_forget_request,
     template_prompts,
     wrap_query,
 )
@@ -146,11 +147,11 @@ REFUSALS = ("That's beyond my knowledge of {t}.", "I don't have any information 
 
 
 def rwku_suite() -> EvalSuite:
-    """RWKU's numbers: ROUGE-L recall of 30-token greedy answers (cut at a newline) on forget levels 1-3 and
-    neighbour levels 1-2, and fluency (weighted 2/3-gram entropy of 256-token answers to the fluency set)."""
-    probe = {"max_new_tokens": 30, "stop": ["\n"], "teacher_forced": False}
+    """RWKU's numbers: ROUGE-L recall (RWKU's own, the ``rouge`` package's: :func:`rerule_lightning.rouge.rwku_rouge_l`)
+    of 30-token greedy answers (cut at a newline) on forget levels 1-3 and neighbour levels 1-2, and fluency (weighted 2/3-gram entropy of 256-token answers to the fluency set)."""
+    probe = {"max_new_tokens": 30, "stop": ["\n"], "teacher_forced": False, "rouge": "rwku"}
     splits = [SplitSpec(s, **probe) for s in RWKU_EVAL_SPLITS[:5]]
-    splits.append(SplitSpec("fluency", max_new_tokens=256, teacher_forced=False))
+    splits.append(SplitSpec("fluency", max_new_tokens=256, teacher_forced=False, rouge="rwku"))
     head = {s: f"{s}/rouge_l_recall" for s in RWKU_EVAL_SPLITS[:5]}
     head["fluency"] = "fluency/fluency"
     return EvalSuite("rwku", splits, headline=head)
@@ -210,6 +211,10 @@ class RWKUDataModule(BenchmarkDataModule):
             if bad:
                 raise SchemaError(self.source, c, "test", *bad, path=self._path(c))
         select_targets(known, self.hparams.targets)
+        asks = sum(strip_forget_request(r["intro"]) != r["intro"] for r in raw["forget_target"])
+        if asks:
+            data_note(self.source, f"forget_target: removed the leading \"Please forget X.\" sentence from {asks} of "
+                      f"{len(raw['forget_target'])} intros (never a prompt or an anchor)")
         return raw
 
     def _path(self, config: str) -> str | None:
@@ -226,7 +231,7 @@ class RWKUDataModule(BenchmarkDataModule):
 
     def _unreferenced_pool(self, raw: dict[str, list[dict]]) -> list[dict]:
         """Rendered RL rows before the original model's answers are filled in (probe collisions dropped)."""
-        intros = {r["target"]: r["intro"] for r in raw["forget_target"]}
+        intros = {r["target"]: strip_forget_request(r["intro"]) for r in raw["forget_target"]}
         rows = rl_prompts(self.selected(raw), intros, self.hparams.swaps_per_target,
                           self.hparams.boundary_entities or ())
         queries = [r["query"] for c in PROBE_CONFIGS for r in raw[c]]

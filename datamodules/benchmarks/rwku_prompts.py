@@ -54,6 +54,15 @@ def select_targets(all_targets: Sequence[str], targets: Sequence[str] | int) -> 
     return list(targets)
 
 
+_FORGET_REQUEST = re.compile(r"^\s*Please forget [^.]*\.\s*")
+
+
+def strip_forget_request(intro: str) -> str:
+    """The intro without RWKU's leading request sentence ("Please forget X. X is ..." -> "X is ..."): every
+    released intro starts with it, and it must never become a prompt or an anchor."""
+    return _FORGET_REQUEST.sub("", intro, count=1)
+
+
 def _content(text: str) -> set[str]:
     return {w for w in normalise(text).split() if w not in _STOP}
 
