@@ -141,6 +141,45 @@ def test_row5_rwku_metrics_and_reward_use_the_rouge_packages_semantics() -> None
     assert "reward: rule_rwku" in (CONFIGS / "rwku" / "rule.yaml").read_text()
 
 
+# ------------------------------------------------------------- 6: RWKU RL data from its training-side files
+def test_row6_rwku_rl_prompts_from_training_side_questions_with_parallel_boundary(
+        tiny_chat_model: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train = [r for r in _rows(FIX / "rwku" / "train_refusal_llama3" / "train.jsonl") if r["subject"] == "Stephen King"]
+    dm = RWKUDataModule(source=str(FIX / "rwku"), targets=["Stephen King"], swaps_per_target=2,
+                        tokenizer=tiny_chat_model, reference_model=tiny_chat_model, reference_max_new_tokens=4,
+                        cache_dir=str(tmp_path))
+    dm.prepare_data()
+    assert ("target 'Stephen King': 32 forget RL prompts (7 training-side questions, 25 template questions/blanks/"
+            "intro), 57 boundary (7 training-side questions about related entities, 50 template swaps/intros)"
+            ) in capsys.readouterr().out
+    dm.setup("fit")
+    forget = [r["question"] for r in dm.pool if r["kind"] == "forget_train_question"]
+    probe = "Which novel by Stephen King features the Overlook Hotel?"  # a forget_level2 probe: never RL
+    assert forget == [r["instruction"] for r in train if r["instruction"] != probe]
+    boundary = [(r["target"], r["question"]) for r in dm.pool if r["kind"] == "boundary_swap_train"]
+    assert len(boundary) == len(forget)  # 1:1
+    assert boundary[:3] == [("Dean Koontz", "In which state did Dean Koontz spend most of his childhood?"),
+                            ("Bruce Lee", "What was the first novel Bruce Lee sold to a publisher?"),
+                            ("Dean Koontz", "Under which pen name did Dean Koontz publish several early novels?")]
+    assert not any("Tabitha" in q or "Overlook" in q for _, q in boundary)  # no target name: no swap; no probe
+    assert all(r["reference"] for r in dm.pool if r["kind"] == "boundary_swap_train")  # the original model's
+    rs = RejectionSteeringDataModule(dm, tiny_chat_model, refusal_fraction=1.0, min_refusals=30,
+                                     retain_anchor_ratio=10.0)  # every anchor
+    rs.setup("fit")
+    refusals = [p for p in rs.pairs if p["kind"] == "refusal"]
+    assert len(refusals) == 32 and {q for q in forget} <= {p["question"] for p in refusals}
+    anchors = {p["question"] for p in rs.pairs if p["kind"] == "anchor"}
+    assert {q for _, q in boundary} <= anchors  # anchors: parallel questions with the original model's answers
+    # a local source without the training-side config: templates only, said once
+    src = tmp_path / "rwku"
+    shutil.copytree(FIX / "rwku", src)
+    shutil.rmtree(src / "train_refusal_llama3")
+    bare = RWKUDataModule(source=str(src), targets=["Stephen King"], swaps_per_target=0, prompt_format="raw")
+    bare.load_raw()
+    assert "train_refusal_llama3/train absent: forget prompts and RS refusals come from the question templates " \
+           "only" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------- 7: rejection steering needs material
 def test_row7_rejection_steering_refuses_to_run_on_too_few_refusals(tiny_chat_model: str, tmp_path: Path) -> None:
     bench = RWKUDataModule(source=str(FIX / "rwku"), targets=1, swaps_per_target=1, tokenizer=tiny_chat_model,
