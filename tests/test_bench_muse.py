@@ -275,12 +275,17 @@ def test_eval_suite_produces_every_muse_metric_key(corpus: str, tiny_chat_model:
                                                    monkeypatch: pytest.MonkeyPatch, one_torch_thread: None) -> None:
     monkeypatch.chdir(tmp_path)
     report = tmp_path / "eval.json"
+    # the retrain model stand-in has no tokenizer files (as a reference repository may not): MUSE scores every
+    # model with the policy's tokenizer, so the reference is scored with policy.tokenizer
+    retrain = tmp_path / "retrain_no_tokenizer"
+    shutil.copytree(tiny_chat_model, retrain, ignore=shutil.ignore_patterns("*token*", "*.jinja"))
     rc = main(["test", "--config", str(CONFIGS / f"muse_{corpus}" / "eval.yaml"),
                *_tiny(tiny_chat_model, FIX / f"muse_{corpus}", tmp_path),
-               "--model.init_args.eval_reference", tiny_chat_model,  # stands in for the retrain model
+               "--model.init_args.eval_reference", str(retrain),
                "--model.init_args.eval_report_path", str(report), "--trainer.logger", "false"])
     assert rc == 0
     metrics = json.loads(report.read_text())["aggregate"]
+    assert "verbmem_forget/extraction_strength" in metrics  # reported on VerbMem, as open-unlearning does
     suite = MUSEDataModule(corpus=corpus).eval_suite  # type: ignore[arg-type]
     assert set(suite.expected_keys()) <= set(metrics)
     name = f"muse_{corpus}"

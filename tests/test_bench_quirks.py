@@ -132,6 +132,12 @@ def test_row5_rwku_metrics_and_reward_use_the_rouge_packages_semantics() -> None
     assert rouge_l(pred, ref).recall == 1.0  # rouge_score: lower-cased, punctuation dropped
     assert rouge_l(pred, ref, "rwku").recall == pytest.approx(3 / 7)  # case- and punctuation-sensitive
     assert {s.name: s.rouge for s in rwku_suite().splits} == {s: "rwku" for s in rwku_suite().split_names}
+    from rerule_lightning.evaluator import UnlearningEvaluator
+
+    ev = UnlearningEvaluator(rwku_suite(), max_new_tokens=4)
+    assert {m["rouge_l_recall"].impl for m in ev.metrics.values()} == {"rwku"}
+    ev.metrics["forget_level1"]["rouge_l_recall"].update([pred], [ref])
+    assert float(ev.metrics["forget_level1"]["rouge_l_recall"].compute()) == pytest.approx(3 / 7)
     reward = get_reward_fn("rule_rwku")
     assert reward(["p"], [pred], labels=["boundary"], references=[ref]) == [1.0]  # 3/7 >= 0.3
     low = "stephen king, portland maine"  # rouge_score: 4 of 7 reference tokens; rwku: no word matches exactly
