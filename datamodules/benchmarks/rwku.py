@@ -60,6 +60,8 @@ from datamodules.benchmarks.rwku_prompts import (  # noqa: F401  (re-exported: t
     intro_blank,
     needs_reference,
     normalise,
+    pool_counts,
+    pool_owner,
     probe_style,
     related_entities,
     render_rwku,
@@ -115,27 +117,6 @@ def probe_mismatch(config: str, rows: Sequence[dict], known: Sequence[str]) -> t
         if r["subject"] not in names:
             return i, "subject", f"{r['subject']!r} is not a target in forget_target"
     return None
-
-
-def pool_owner(rid: str) -> str:
-    """The forgotten target an RL row belongs to, from its id (``forget:<t>-<k>``, ``boundary_*:<t>:<e>...``)."""
-    kind, rest = rid.split(":", 1)
-    return rest.rsplit("-", 1)[0] if kind == "forget" else rest.split(":", 1)[0]
-
-
-def pool_counts(pool: Sequence[dict], targets: Sequence[str]) -> list[str]:
-    """One line per target: its forget and boundary RL prompts by source (printed in ``prepare_data``)."""
-    lines = []
-    for t in targets:
-        mine = [r for r in pool if pool_owner(r["id"]) == t]
-        f = [r for r in mine if r["label"] == "forget"]
-        b = [r for r in mine if r["label"] == "boundary"]
-        ft = sum(r["kind"] == "forget_train_question" for r in f)
-        bt = sum(r["kind"] == "boundary_swap_train" for r in b)
-        lines.append(f"target {t!r}: {len(f)} forget RL prompts ({ft} training-side questions, {len(f) - ft} "
-                     f"template questions/blanks/intro), {len(b)} boundary ({bt} training-side questions about "
-                     f"related entities, {len(b) - bt} template swaps/intros)")
-    return lines
 
 
 def target_mismatch(rows: Sequence[dict]) -> tuple[int, str, str] | None:
