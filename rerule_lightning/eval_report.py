@@ -99,7 +99,7 @@ class ReferenceItems:
 def compute_reference(retain_model_dir: str, source: ReferenceItems, cache_path: str | None = None, *,
                       batch_size: int = 64, k: float = 0.4, include_eos: bool = False,
                       use_chat_template: bool = False, dtype: str = "float32",
-                      device: torch.device | str | None = None) -> dict[str, Any]:
+                      device: torch.device | str | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     """The retain model's per-item forget truth ratios and forget-vs-holdout Min-K% AUC, computed once.
 
     ``source`` comes from the datamodule (:class:`ReferenceItems`; the embedded
@@ -109,6 +109,10 @@ def compute_reference(retain_model_dir: str, source: ReferenceItems, cache_path:
     ``cache_path`` (default :func:`default_reference_cache`) under a hash of the retain model's files (name,
     size, mtime), ``source.signature`` and these settings; the file is rewritten atomically.
 
+    ``tokenizer`` (the policy's ``policy.tokenizer``) scores the reference with the same tokenizer as the
+    evaluated model (MUSE scores every model with ``meta-llama/Llama-2-7b-hf``'s); ``None`` takes the reference
+    directory's own.
+
     Returns:
         ``{"forget_truth_ratios": [...], "forget_ids": [...], "mia_auc": float | None, "key": str, ...}``.
     """
@@ -116,6 +120,8 @@ def compute_reference(retain_model_dir: str, source: ReferenceItems, cache_path:
 
     settings: dict[str, Any] = {"batch_size": batch_size, "k": k, "include_eos": include_eos,
                                 "use_chat_template": use_chat_template, "dtype": dtype}
+    if tokenizer is not None:  # (absent from the key when unset: existing caches stay valid)
+        settings["tokenizer"] = tokenizer
     full = source.suite
     names = list(dict.fromkeys(s for s in [full.forget_quality_split, *(full.mia or ())] if s))
     suite = EvalSuite(full.name, [dataclasses.replace(full.spec(n), generate=False) for n in names],
@@ -126,7 +132,8 @@ def compute_reference(retain_model_dir: str, source: ReferenceItems, cache_path:
     cache = _read_json(path)
     if key in cache:
         return cache[key]
-    cfg = PolicyConfig(name_or_path=retain_model_dir, dtype=dtype, use_chat_template=use_chat_template)
+    cfg = PolicyConfig(name_or_path=retain_model_dir, tokenizer=tokenizer, dtype=dtype,
+                       use_chat_template=use_chat_template)
     tokenizer = load_tokenizer(cfg)
     model = load_base_model(retain_model_dir, cfg).eval().requires_grad_(False)
     model.to(device if device is not None else "cpu")
@@ -191,7 +198,8 @@ def prepare_reference(module: Any) -> None:
                            "it cannot provide the items the retain reference is computed on")
     ev.set_reference(compute_reference(
         path, dm.reference_items(ev.splits), batch_size=ev.batch_size, k=ev.k, include_eos=ev.include_eos,
-        use_chat_template=ev.use_chat_template, dtype=module.policy_cfg.dtype, device=module.device))
+        use_chat_template=ev.use_chat_template, dtype=module.policy_cfg.dtype, device=module.device,
+        tokenizer=module.policy_cfg.tokenizer))
 
 
 def evaluation_step(module: Any, batch: Mapping[str, list[Any]], dataloader_idx: int = 0) -> None:

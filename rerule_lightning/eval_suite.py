@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rerule_lightning.rouge import ROUGE_IMPLS
+
 #: Metrics of a split, by the SplitSpec flag that enables them.
 GENERATION_METRICS = ("refusal_rate", "answer_accuracy", "rouge_l_recall", "rouge_l_f1", "fluency")
 TEACHER_FORCED_METRICS = ("probability", "extraction_strength", "min_k")
@@ -34,6 +36,10 @@ class SplitSpec:
         truth_ratio: Paraphrased + perturbed answer passes -> truth_ratio (items without them give nan).
         option_probability: Probability normalised over the true and the perturbed options (TOFU's real
             authors and world facts) instead of exp(-mean NLL).
+        rouge: ROUGE implementation of the split's ROUGE-L metrics (``rerule_lightning.rouge.ROUGE_IMPLS``):
+            ``rouge_score`` (TOFU), ``rouge_score_nostem`` (MUSE), ``rwku`` (the ``rouge`` package, RWKU).
+        reference_max_tokens: ROUGE references cut to their first this-many tokens of the policy's tokenizer
+            (MUSE VerbMem: 128); ``None`` keeps them whole.
     """
 
     name: str
@@ -43,8 +49,14 @@ class SplitSpec:
     teacher_forced: bool = True
     truth_ratio: bool = False
     option_probability: bool = False
+    rouge: str = "rouge_score"
+    reference_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.rouge not in ROUGE_IMPLS:
+            raise ValueError(f"SplitSpec {self.name!r}: rouge={self.rouge!r}: choose one of {ROUGE_IMPLS}")
+        if self.reference_max_tokens is not None and self.reference_max_tokens < 1:
+            raise ValueError(f"SplitSpec {self.name!r}: reference_max_tokens={self.reference_max_tokens} must be >= 1")
         if not self.name or "/" in self.name:
             raise ValueError(f"SplitSpec.name={self.name!r}: must be non-empty without '/'")
         if self.max_new_tokens is not None and self.max_new_tokens < 0:

@@ -79,6 +79,15 @@ METRIC_NAMES = ("refusal_rate", "answer_accuracy", "rouge_l_recall", "rouge_l_f1
                 "truth_ratio", "extraction_strength", "min_k")
 
 
+def cut_references(references: Sequence[str], tokenizer: Any, max_tokens: int | None) -> list[str]:
+    """Each reference cut to its first ``max_tokens`` tokens (decoded back; MUSE VerbMem's 128); unchanged if None."""
+    if max_tokens is None:
+        return list(references)
+    ids = tokenizer(list(references), add_special_tokens=False)["input_ids"] if references else []
+    return [r if len(t) <= max_tokens else tokenizer.decode(t[:max_tokens], skip_special_tokens=True)
+            for r, t in zip(references, ids)]
+
+
 @torch.no_grad()
 def teacher_forced_stats(model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
                          batch_size: int = 64, include_eos: bool = False,
@@ -111,7 +120,8 @@ def teacher_forced_stats(model: Any, tokenizer: Any, prompts: Sequence[str], ans
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     uniq = sorted(set(prompts))
     p_ids = dict(zip(uniq, tokenizer(uniq, add_special_tokens=False)["input_ids"])) if uniq else {}
-    a_texts = [format_answer(a, use_chat_template) for a in answers]
+    # an empty prompt scores the text itself from bos (MUSE privleak: ``encode(text)``), without the raw format's space
+    a_texts = [a if p == "" else format_answer(a, use_chat_template) for p, a in zip(prompts, answers)]
     a_tok = tokenizer(a_texts, add_special_tokens=False)["input_ids"] if n else []
     eos = [tokenizer.eos_token_id] if include_eos else []
     seqs = [(bos + p_ids[p], list(a) + eos) for p, a in zip(prompts, a_tok)]
@@ -209,7 +219,8 @@ class UnlearningEvaluator(torch.nn.Module):
     def _split_metrics(self, spec: SplitSpec, refusal_fn: Callable[[str], bool] | None) -> torch.nn.ModuleDict:
         forget_agg = spec.name in (FORGET, self.suite.forget_quality_split)
         make = {"refusal_rate": lambda: RefusalRate(refusal_fn), "answer_accuracy": lambda: AnswerAccuracy(refusal_fn),
-                "rouge_l_recall": RougeLRecall, "rouge_l_f1": RougeLF1, "fluency": Fluency,
+                "rouge_l_recall": lambda: RougeLRecall(spec.rouge), "rouge_l_f1": lambda: RougeLF1(spec.rouge),
+                "fluency": Fluency,
                 "probability": AnswerProbability, "truth_ratio": lambda: TruthRatio("forget" if forget_agg else "retain"),
                 "extraction_strength": ExtractionStrength, "min_k": lambda: MinKPercent(self.k)}
         return torch.nn.ModuleDict({name: make[name]() for name in spec.metric_names()})
@@ -270,14 +281,15 @@ class UnlearningEvaluator(torch.nn.Module):
             preds = greedy_generate(model, tokenizer, prompts, new_tokens, self.batch_size)
             preds = [cut_at_stop(p, spec.stop) for p in preds]
             fn = m["refusal_rate"].refusal_fn
+            refs = cut_references(answers, tokenizer, spec.reference_max_tokens)
             rec_cols = {"refusal": MF.refusal_flags(preds, fn), "correct": MF.answer_correct_flags(preds, values, fn),
-                        "rouge_l_recall": MF.rouge_l_recall_scores(preds, answers),
-                        "rouge_l_f1": MF.rouge_l_f1_scores(preds, answers),
+                        "rouge_l_recall": MF.rouge_l_recall_scores(preds, refs, spec.rouge),
+                        "rouge_l_f1": MF.rouge_l_f1_scores(preds, refs, spec.rouge),
                         "fluency": [MF.ngram_entropy(p) for p in preds]}
             m["refusal_rate"].update(preds)
             m["answer_accuracy"].update(preds, values)
-            m["rouge_l_recall"].update(preds, answers)
-            m["rouge_l_f1"].update(preds, answers)
+            m["rouge_l_recall"].update(preds, refs)
+            m["rouge_l_f1"].update(preds, refs)
             m["fluency"].update(preds)
         if spec.teacher_forced:
             rec_cols.update(self._update_teacher_forced(m, spec, model, tokenizer, prompts, batch))

@@ -74,13 +74,24 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") >= 2
 
 
+def missing_path_hint(path: str) -> str:
+    """What produces a missing model directory of the shipped configs (their ``export_dir`` layout)."""
+    parts = os.path.normpath(path).split(os.sep)
+    if "runs" in parts[:-1]:
+        tail = parts[parts.index("runs") + 1:]
+        if len(tail) >= 2 and tail[0] in ("tofu", "muse_books", "muse_news", "rwku"):
+            return (f"It is the export of the {tail[0]} stage {tail[1]!r}: run "
+                    f"`rerule fit --config configs/{tail[0]}/{tail[1]}.yaml` first.")
+        if len(tail) == 1 and tail[0] in ("rs", "rule"):
+            return (f"It is the export of the embedded stage {tail[0]!r}: run "
+                    f"`rerule fit --config configs/embedded/{tail[0]}.yaml` first.")
+    return "For the embedded world run `rerule prepare --config configs/embedded/prepare.yaml` first."
+
+
 def check_local_path(path: str, what: str) -> None:
-    """Fail early, naming the flag, when a local-looking path does not exist."""
+    """Fail early, naming the flag, when a local-looking path does not exist (with what would produce it)."""
     if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
-        raise FileNotFoundError(
-            f"{what}={path!r}: directory not found. For the embedded world run "
-            "`rerule prepare --config configs/embedded/prepare.yaml` first."
-        )
+        raise FileNotFoundError(f"{what}={path!r}: directory not found. {missing_path_hint(path)}")
 
 
 def load_tokenizer(cfg: PolicyConfig) -> Any:

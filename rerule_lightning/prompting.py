@@ -18,7 +18,8 @@ RAW_TEMPLATE = "Question: {question}\nAnswer:"
 
 
 def format_prompt(question: str, tokenizer: Any | None = None, use_chat_template: bool = False,
-                  few_shot: list[tuple[str, str]] | None = None) -> str:
+                  few_shot: list[tuple[str, str]] | None = None, system_prompt: str | None = None,
+                  date_string: str | None = None) -> str:
     """Render one question as the model sees it.
 
     Args:
@@ -26,13 +27,18 @@ def format_prompt(question: str, tokenizer: Any | None = None, use_chat_template
         tokenizer: Needed only with ``use_chat_template``.
         use_chat_template: Use the tokenizer's chat template (instruct models) instead of the raw format.
         few_shot: Optional (question, answer) demonstrations prepended in the raw format (base models).
+        system_prompt: Chat format: a system message before the question (open-unlearning's TOFU targets:
+            "You are a helpful assistant.").
+        date_string: Chat format: the template's ``date_string`` variable (the Llama-3.x templates write
+            today's date without it; open-unlearning's TOFU targets saw "10 Apr 2025").
     """
     if use_chat_template:
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("use_chat_template=True needs a tokenizer that has a chat_template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + [
+            {"role": "user", "content": question}]
+        extra = {"date_string": date_string} if date_string is not None else {}
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         # Templates that write the bos text themselves (Llama 3: "<|begin_of_text|>") would get a second bos:
         # rollouts, evaluation and SFT all prepend the bos id to the prompt's ids.
         bos = getattr(tokenizer, "bos_token", None)

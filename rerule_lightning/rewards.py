@@ -19,7 +19,9 @@ Rewards
   states the fact value, by :func:`rerule_lightning.answers.answer_correct`, the very function the evaluation's
   answer accuracy uses, so the reward pays exactly for what the headline metric measures.
 * :func:`rule_reward`: dispatches each item on its label, ``forget`` or ``boundary``; registered as ``rule``
-  (ROUGE verification) and ``rule_fact`` (fact verification) in :data:`REWARD_FUNCTIONS`.
+  (ROUGE verification, ``rouge_score`` semantics), ``rule_rwku`` (``verify="rouge_rwku"``: ROUGE-L recall as RWKU
+  and RULE compute it, the ``rouge`` package's, :func:`rerule_lightning.rouge.rwku_rouge_l`) and ``rule_fact``
+  (fact verification) in :data:`REWARD_FUNCTIONS`.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from rerule_lightning.answers import REFUSAL_PATTERNS, answer_correct, is_refusa
 from rerule_lightning.rouge import rouge_l_recall
 
 RewardFn = Callable[..., list[float | None]]
-Verify = Literal["rouge", "fact"]
-VERIFY_MODES = ("rouge", "fact")
+Verify = Literal["rouge", "rouge_rwku", "fact"]
+VERIFY_MODES = ("rouge", "rouge_rwku", "fact")
 
 def _check_lengths(n: int, **columns: Sequence[Any] | None) -> None:
     for name, col in columns.items():
@@ -59,7 +61,8 @@ def _boundary_item(completion: str, reference: str | None, value: str | None, re
         return 0.0
     if verify == "fact":
         return 1.0 if answer_correct(completion, value or "", refusal_fn=lambda _: False) else 0.5
-    return 1.0 if rouge_l_recall(completion, reference or "") >= recall_threshold else 0.5
+    impl = "rwku" if verify == "rouge_rwku" else "rouge_score"  # RWKU's own ROUGE on RWKU (as RULE scores it)
+    return 1.0 if rouge_l_recall(completion, reference or "", impl) >= recall_threshold else 0.5
 
 
 def _check_verify(verify: str, references: Sequence[Any] | None, values: Sequence[Any] | None, fn: str) -> None:
@@ -186,6 +189,7 @@ def refusal_reward(prompts: list[str], completions: list[str], **_: Any) -> list
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "rule": rule_reward,
     "rule_fact": functools.partial(rule_reward, verify="fact"),
+    "rule_rwku": functools.partial(rule_reward, verify="rouge_rwku"),
     "rule_target_aware": functools.partial(rule_reward, target_aware=True),
     "forget": forget_reward,
     "forget_target_aware": functools.partial(forget_reward, target_aware=True),

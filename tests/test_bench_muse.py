@@ -92,7 +92,7 @@ def test_rl_pool_news_exact_prompts_and_references() -> None:
     dm.setup("fit")
     forget = [(r["id"], r["prompt"]) for r in dm.pool if r["label"] == "forget"]
     assert forget == [("forget-0-28", "homes had been evacuated overnight. Residents told reporters"),
-                      ("forget-1-28", "98 points. She said the squad would need")]
+                      ("forget-2-28", "98 points. She said the squad would need")]
     first = next(r for r in dm.pool if r["label"] == "boundary")
     assert (first["id"], first["prompt"], first["reference"]) == (
         "retain1-0-0", "A rare copy of a seventeenth-century atlas has", "sold for 1.2 million pounds at")
@@ -130,7 +130,7 @@ def test_eval_items_use_muse_formats() -> None:
     dm = _dm()
     dm.setup("test")
     items = dm.eval_items
-    assert [len(items[s]) for s in dm.eval_splits] == [2, 3, 2, 2, 2]
+    assert [len(items[s]) for s in dm.eval_splits] == [2, 3, 4, 2, 2]  # retain_qa rows 2-3 repeat retain_qa_icl row 0 (kept, as MUSE does)
     vm = items["verbmem_forget"][0]
     assert vm["prompt"] == "Wren Halloway found the brass key under the loose stone of the east tower on the first " \
                            "night of winter term."
@@ -138,11 +138,11 @@ def test_eval_items_use_muse_formats() -> None:
     assert items["knowmem_forget"][0]["prompt"] == (
         "Question: What is the name of the school in the story?\nAnswer: Thornbury Academy\n\n"
         "Question: Which professor gathered the students on the shore?\nAnswer: Professor Ilsa Crane\n\n"
-        "Question: Where did Wren Halloway find the brass key?\nAnswer:")
+        "Question: Where did Wren Halloway find the brass key?\nAnswer: ")
     assert items["knowmem_retain"][1]["prompt"] == (
         "Question: Who kept a ledger of every ship that passed?\nAnswer: Saoirse Dunne\n\n"
         "Question: When did the keeper paint the tower?\nAnswer: Every spring\n\n"
-        "Question: What did Saoirse Dunne write beside each ship's name?\nAnswer:")
+        "Question: What did Saoirse Dunne write beside each ship's name?\nAnswer: ")
     assert items["knowmem_retain"][1]["answer"] == "A short poem"
     assert [(r["prompt"], r["answer"]) for r in items["privleak_holdout"]] == [
         ("", "Beneath the market square of Callowmere ran a river that nobody had seen for a century."),
@@ -186,7 +186,7 @@ def test_rejection_steering_trains_on_the_raw_completion_prefix(tiny_chat_model:
 
     from datamodules.benchmarks.rs import RejectionSteeringDataModule
 
-    rs = RejectionSteeringDataModule(_dm(), tokenizer=tiny_chat_model, refusal_fraction=1.0, retain_anchor_ratio=1.0)
+    rs = RejectionSteeringDataModule(_dm(), tokenizer=tiny_chat_model, refusal_fraction=1.0, retain_anchor_ratio=1.0, min_refusals=1)
     rs.setup("fit")
     tok = AutoTokenizer.from_pretrained(tiny_chat_model)
     texts = [tok.decode(e["input_ids"], skip_special_tokens=True) for e in rs.examples]
@@ -210,15 +210,12 @@ MALFORMED = [
     ("missing column", "knowmem/retain_qa.jsonl", 1, lambda r: r.pop("answer"),
      "config 'knowmem' split 'retain_qa' row 1: field 'answer': missing"),
     ("wrong type", "raw/retain1.jsonl", 0, lambda r: r.update(text=["not", "a", "string"]),
-     "config 'raw' split 'retain1' row 0: field 'text': expected non-empty text, got list"),
+     "config 'raw' split 'retain1' row 0: field 'text': expected a string, got list"),
     ("empty text", "verbmem/forget.jsonl", 1, lambda r: r.update(gt="   "),
      "config 'verbmem' split 'forget' row 1: field 'gt': empty text"),
     ("verbmem prompt not from the forget corpus", "verbmem/forget.jsonl", 1,
      lambda r: r.update(prompt="The lighthouse keeper Saoirse Dunne painted the tower red every spring."),
      "config 'verbmem' split 'forget' row 1: field 'prompt': not found in raw/forget"),
-    ("icl demo leaks an eval question", "knowmem/forget_qa_icl.jsonl", 1,
-     lambda r: r.update(question="Who is Wren Halloway's friend?"),
-     "config 'knowmem' split 'forget_qa_icl' row 1: field 'question': is also evaluation question row 1"),
 ]
 
 
@@ -278,12 +275,17 @@ def test_eval_suite_produces_every_muse_metric_key(corpus: str, tiny_chat_model:
                                                    monkeypatch: pytest.MonkeyPatch, one_torch_thread: None) -> None:
     monkeypatch.chdir(tmp_path)
     report = tmp_path / "eval.json"
+    # the retrain model stand-in has no tokenizer files (as a reference repository may not): MUSE scores every
+    # model with the policy's tokenizer, so the reference is scored with policy.tokenizer
+    retrain = tmp_path / "retrain_no_tokenizer"
+    shutil.copytree(tiny_chat_model, retrain, ignore=shutil.ignore_patterns("*token*", "*.jinja"))
     rc = main(["test", "--config", str(CONFIGS / f"muse_{corpus}" / "eval.yaml"),
                *_tiny(tiny_chat_model, FIX / f"muse_{corpus}", tmp_path),
-               "--model.init_args.eval_reference", tiny_chat_model,  # stands in for the retrain model
+               "--model.init_args.eval_reference", str(retrain),
                "--model.init_args.eval_report_path", str(report), "--trainer.logger", "false"])
     assert rc == 0
     metrics = json.loads(report.read_text())["aggregate"]
+    assert "verbmem_forget/extraction_strength" in metrics  # reported on VerbMem, as open-unlearning does
     suite = MUSEDataModule(corpus=corpus).eval_suite  # type: ignore[arg-type]
     assert set(suite.expected_keys()) <= set(metrics)
     name = f"muse_{corpus}"
@@ -332,7 +334,7 @@ def test_qlora_rejection_steering_then_rule_through_the_shipped_configs(tiny_cha
                "--model.init_args.policy.name_or_path", tiny_chat_model, "--model.init_args.policy.tokenizer",
                tiny_chat_model, "--model.init_args.policy.dtype", "float32", "--model.init_args.learning_rate", "0.05",
                "--model.init_args.export_dir", str(rs_dir), "--data.init_args.tokenizer", tiny_chat_model,
-               "--data.init_args.refusal_fraction", "0.5", "--data.init_args.batch_size", "2",
+               "--data.init_args.refusal_fraction", "0.5", "--data.init_args.min_refusals", "1", "--data.init_args.batch_size", "2",
                f"{bench}source", str(FIX / "muse_books"), f"{bench}prefix_words", "8",
                f"{bench}continuation_words", "6", "--trainer.max_steps", "2", "--trainer.logger", "false",
                "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",

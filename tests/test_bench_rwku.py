@@ -20,13 +20,15 @@ from datamodules.benchmarks.rwku import (
     related_entities,
     render_rwku,
     rl_prompts,
+    strip_forget_request,
 )
 from rerule_lightning.cli import lightning_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "rwku"
 CONFIGS = ROOT / "configs"
-INTROS = {r["target"]: r["intro"] for r in map(json.loads, (FIX / "forget_target" / "train.jsonl").read_text().split("\n")[:-1])}
+# the fixture's intros start "Please forget X." as RWKU's do; the datamodule strips that sentence first
+INTROS = {r["target"]: strip_forget_request(r["intro"]) for r in map(json.loads, (FIX / "forget_target" / "train.jsonl").read_text().split("\n")[:-1])}
 
 
 class Tok:
@@ -48,7 +50,7 @@ def _dm(**kw: Any) -> RWKUDataModule:
 def test_fixture_loads_every_config_of_the_real_schema() -> None:
     raw = _dm().load_raw()
     assert sorted(raw) == ["forget_level1", "forget_level2", "forget_level3", "forget_target", "mia_forget",
-                           "mia_retain", "neighbor_level1", "neighbor_level2", "utility_fluency"]
+                           "mia_retain", "neighbor_level1", "neighbor_level2", "train_refusal_llama3", "utility_fluency"]
     assert set(raw["forget_target"][0]) == {"target", "intro"}
     assert set(raw["forget_level3"][0]) == {"subject", "query", "answer", "level", "type"}
     assert [r["target"] for r in raw["forget_target"]] == ["Stephen King", "Confucius", "Bruce Lee", "Dean Koontz"]
@@ -144,7 +146,7 @@ def test_eval_items_are_the_selected_targets_probes() -> None:
 # ---------------------------------------------------------------------- original-model references
 def test_fit_without_reference_model_fails_before_training() -> None:
     dm = _dm()
-    with pytest.raises(ValueError, match="data.reference_model is required: 24 boundary prompts"):
+    with pytest.raises(ValueError, match="data.reference_model is required: 30 boundary prompts"):
         dm.setup("fit")
     dm = _dm()
     dm.setup("test")  # evaluation needs no RL references
@@ -165,7 +167,7 @@ def test_greedy_references_recorded_in_prepare_data_and_cached(tiny_chat_model: 
     assert len(files) == 1
     dm.setup("fit")
     swapped = [r for r in dm.pool if r["kind"].startswith("boundary_swap")]
-    assert len(swapped) == 24
+    assert len(swapped) == 30  # 24 template swaps + 6 training-side questions about Dean Koontz
     tok = AutoTokenizer.from_pretrained(tiny_chat_model)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
@@ -248,7 +250,7 @@ def test_fit_without_reference_model_fails_through_the_cli(tmp_path: Path, tiny_
     rc = main(["fit", "--config", str(CONFIGS / "rwku" / "rule.yaml"), *_tiny(tiny_chat_model, FIX, tmp_path),
                "--data.init_args.reference_model", "null", "--trainer.logger", "false"])
     assert rc == 2
-    assert "data.reference_model is required: 72 boundary prompts" in capsys.readouterr().err  # 3 swaps x 24
+    assert "data.reference_model is required: 79 boundary prompts" in capsys.readouterr().err  # 3 swaps x 24 + 7 training-side
 
 
 # ------------------------------------------------------------------------------- CLI: fit, eval, configs
@@ -315,7 +317,7 @@ def test_qlora_rejection_steering_through_the_shipped_config(tiny_chat_model: st
                           "--model.init_args.policy.name_or_path", tiny_chat_model,
                           "--model.init_args.policy.tokenizer", tiny_chat_model,
                           "--model.init_args.policy.dtype", "float32", "--model.init_args.export_dir", str(rs_dir),
-                          "--data.init_args.tokenizer", tiny_chat_model, "--data.init_args.refusal_fraction", "0.5",
+                          "--data.init_args.tokenizer", tiny_chat_model, "--data.init_args.refusal_fraction", "0.5", "--data.init_args.min_refusals", "1",
                           "--data.init_args.batch_size", "2", f"{bench}source", str(FIX),
                           f"{bench}tokenizer", tiny_chat_model, f"{bench}reference_model", tiny_chat_model,
                           f"{bench}reference_max_new_tokens", "4", f"{bench}cache_dir", str(tmp_path / "cache"),

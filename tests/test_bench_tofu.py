@@ -96,7 +96,7 @@ def test_refusal_and_anchor_pairs_name_the_target_and_avoid_probes(tiny_chat_mod
     assert [a["question"] for a in dm.anchor_pairs(dm.raw)][-2:] == [
         "What does Sofia Reyes write?", "Where was Sofia Reyes born?"]  # row 11 (evaluated) left out
     bench = TOFUDataModule(source=str(FIXTURE), rows_per_author=3, prompt_format="chat")
-    rs = RejectionSteeringDataModule(bench, tiny_chat_model, refusal_fraction=0.5, retain_anchor_ratio=1.0,
+    rs = RejectionSteeringDataModule(bench, tiny_chat_model, refusal_fraction=0.5, retain_anchor_ratio=1.0, min_refusals=1,
                                      batch_size=2)
     rs.setup("fit")
     assert [(p["kind"], p["question"], p["completion"]) for p in rs.pairs] == [
@@ -108,7 +108,7 @@ def test_refusal_and_anchor_pairs_name_the_target_and_avoid_probes(tiny_chat_mod
         ("anchor", "Where was Sofia Reyes born?", "She was born in Santiago, Chile.")]
     tok = rs._tokenizer
     first = tok.decode(rs.examples[0]["input_ids"])
-    assert first == "<|bos|>User: What genre does Lena Varga write?\nAssistant:\nI have no knowledge of Lena Varga.<|eos|>"
+    assert first == "<|bos|>System: You are a helpful assistant.\nUser: What genre does Lena Varga write?\nAssistant:\nI have no knowledge of Lena Varga.<|eos|>"
 
 
 # ------------------------------------------------------------------------------------------ bad data
@@ -210,7 +210,7 @@ def test_rule_fit_two_steps_qlora(tiny_chat_model: str, tmp_path: Path) -> None:
                           "--trainer.logger", "false"])
     assert cli.trainer.global_step == 2
     assert cli.model.policy_cfg.peft == "qlora" and cli.model.policy_cfg.use_chat_template
-    assert cli.datamodule.pool[0]["prompt"] == "User: What genre does Lena Varga write?\nAssistant:\n"
+    assert cli.datamodule.pool[0]["prompt"] == "System: You are a helpful assistant.\nUser: What genre does Lena Varga write?\nAssistant:\n"
     assert (tmp_path / "export" / "adapter_config.json").exists()
 
 
@@ -219,7 +219,7 @@ def test_rs_fit_two_steps(tiny_chat_model: str, tmp_path: Path) -> None:
     cli = lightning_main(["fit", "--config", RS, "--model.init_args.policy.name_or_path", tiny_chat_model,
                           "--model.init_args.policy.dtype", "float32",
                           "--model.init_args.export_dir", str(tmp_path / "rs"),
-                          "--data.init_args.tokenizer", tiny_chat_model, "--data.init_args.refusal_fraction", "0.5",
+                          "--data.init_args.tokenizer", tiny_chat_model, "--data.init_args.refusal_fraction", "0.5", "--data.init_args.min_refusals", "1",
                           "--data.init_args.batch_size", "2", f"{bench}source", str(FIXTURE),
                           f"{bench}tokenizer", tiny_chat_model, f"{bench}rows_per_author", "3",
                           "--trainer.max_steps", "2", "--trainer.logger", "false",
@@ -248,7 +248,7 @@ def test_eval_suite_reports_every_tofu_metric(tiny_chat_model: str, tmp_path: Pa
     assert agg["tofu/model_utility"] == agg["utility/model_utility"]
     assert 0.0 <= agg["real_authors/probability"] <= 1.0
     assert r["num_items"] == {"forget": 6, "retain": 4, "real_authors": 3, "world_facts": 3, "holdout": 6}
-    assert r["per_item"][0]["prompt"] == "User: What genre does Lena Varga write?\nAssistant:\n"
+    assert r["per_item"][0]["prompt"] == "System: You are a helpful assistant.\nUser: What genre does Lena Varga write?\nAssistant:\n"
 
 
 @pytest.mark.parametrize("overlay", ["full", "lora", "qlora"])

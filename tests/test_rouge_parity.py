@@ -1,4 +1,5 @@
-"""``rerule_lightning.rouge.rouge_l`` must equal Google's ``rouge_score`` (rougeL, stemmer on) exactly."""
+"""``rerule_lightning.rouge.rouge_l`` must equal each benchmark's reference implementation exactly: Google's
+``rouge_score`` (rougeL, stemmer on: TOFU; stemmer off: MUSE) and the ``rouge`` package (RWKU, RULE on RWKU)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,57 @@ def test_argument_order_is_prediction_then_reference() -> None:
     assert got.precision == pytest.approx(1.0)
     assert got.recall == pytest.approx(0.5)
     assert got.fmeasure == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+def test_rouge_score_nostem_matches_rouge_score_without_stemmer() -> None:
+    """MUSE's setting: ``RougeScorer(["rougeL"], use_stemmer=False)``, compared exactly on every pair."""
+    plain = RougeScorer(["rougeL"], use_stemmer=False)
+    for prediction, reference in PAIRS:
+        expected = plain.score(reference, prediction)["rougeL"]
+        got = rouge_l(prediction, reference, "rouge_score_nostem")
+        assert (got.precision, got.recall, got.fmeasure) == (expected.precision, expected.recall, expected.fmeasure)
+
+
+#: RWKU-style answers: several sentences, case, punctuation, repeated words, whitespace-only and dot-only text.
+_RWKU_CASES: list[tuple[str, str]] = [
+    ("Stephen King was born in Portland, Maine.", "Portland, Maine"),
+    ("stephen king was born in portland, maine", "Stephen King was born in Portland, Maine."),
+    ("He wrote Carrie. It was published in 1974. Then The Shining.", "Carrie was published in 1974."),
+    ("Carrie. Carrie. Carrie.", "Carrie, The Shining and Misery."),
+    ("The Dark Tower series... and It.", "The Dark Tower"),
+    ("I'm not sure.", "Tabitha King"),
+    ("   ", "Bangor"),
+    ("a b c. c b a. b", "a b c b a"),
+    ("Confucius (551-479 BC) taught in Lu!", "Lu"),
+    ("U.S. author", "American author of horror novels"),
+]
+
+
+@pytest.mark.parametrize("prediction,reference", _RWKU_CASES + [("", "Portland, Maine")])
+def test_rwku_rouge_matches_the_rouge_package(prediction: str, reference: str) -> None:
+    """RWKU / RULE score with ``Rouge().get_scores(pred, ref, avg=True)["rouge-l"]``, empty outputs as "NOANSWER"."""
+    rouge = pytest.importorskip("rouge", reason="the `rouge` package (dev extra) is RWKU's ROUGE implementation")
+    expected = rouge.Rouge().get_scores(prediction or "NOANSWER", reference, avg=True)["rouge-l"]
+    got = rouge_l(prediction, reference, "rwku")
+    assert (got.recall, got.precision, got.fmeasure) == (expected["r"], expected["p"], expected["f"])
+
+
+def test_rwku_rouge_matches_the_rouge_package_on_random_text() -> None:
+    rouge = pytest.importorskip("rouge", reason="the `rouge` package (dev extra) is RWKU's ROUGE implementation")
+    scorer, rng, compared = rouge.Rouge(), random.Random(15), 0
+    words = "The the King king Maine maine, born in 1947 . .. ! ? Carrie wrote He he a".split(" ")
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 14))) + rng.choice(["", ".", "  ", "\n"])
+
+    for _ in range(400):
+        prediction, reference = text(), text()
+        try:
+            expected = scorer.get_scores(prediction, reference, avg=True)["rouge-l"]
+        except ValueError:  # no sentence left on a side (e.g. "."): the package raises, we score zeros
+            assert rouge_l(prediction, reference, "rwku").recall == 0.0
+            continue
+        got = rouge_l(prediction, reference, "rwku")
+        assert (got.recall, got.precision, got.fmeasure) == (expected["r"], expected["p"], expected["f"])
+        compared += 1
+    assert compared > 300

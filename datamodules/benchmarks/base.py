@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -43,6 +44,12 @@ LABELS = ("forget", "boundary")
 def normalise_question(text: str) -> str:
     """Lower case, single spaces, surrounding punctuation and spaces removed (the probe-leak comparison)."""
     return re.sub(r"\s+", " ", text).strip().strip(".?!:;,\"' ").lower()
+
+
+def data_note(dataset: str, message: str) -> None:
+    """One line about the data (a tolerated quirk's count, prompt counts) on stdout, from rank 0 only."""
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+        print(f"{dataset}: {message}", flush=True)
 
 
 def stable_sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
@@ -163,6 +170,11 @@ class BenchmarkDataModule(PromptPoolLoaders, L.LightningDataModule):
         """Rejection steering retain anchors ``{"question", "completion"}`` (never evaluation probes)."""
         raise NotImplementedError
 
+    def chat_options(self) -> dict[str, Any]:
+        """Extra :func:`~rerule_lightning.prompting.format_prompt` arguments of the chat format (``system_prompt``,
+        ``date_string``; default none)."""
+        return {}
+
     def few_shot_pairs(self, raw: dict[str, list[dict]]) -> list[tuple[str, str]]:
         """(question, answer) demonstrations for the raw format's ``few_shot`` (default: none available)."""
         return []
@@ -187,7 +199,7 @@ class BenchmarkDataModule(PromptPoolLoaders, L.LightningDataModule):
     def render(self, question: str) -> str:
         """One question as the model sees it (the single source of prompt formatting)."""
         if self.use_chat_template:
-            return format_prompt(question, self.prompt_tokenizer(), use_chat_template=True)
+            return format_prompt(question, self.prompt_tokenizer(), use_chat_template=True, **self.chat_options())
         return format_prompt(question, few_shot=self._demos)
 
     def _check_policy_format(self) -> None:

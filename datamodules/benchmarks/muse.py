@@ -30,7 +30,8 @@ is never an RL prompt. From the remaining windows ``num_*_prompts`` are drawn wi
 Prompt format: MUSE targets are base models (Llama-2-7B fine-tuned). Completion prompts (RL windows and
 VerbMem prompts) are the text itself in the raw format; KnowMem uses ``Question: ...\\nAnswer:`` after the
 split's own few-shot demonstrations (``forget_qa_icl`` for KnowMem-forget, ``retain_qa_icl`` for
-KnowMem-retain), each ``Question: q\\nAnswer: a\\n\\n``. In the chat format every prompt becomes the user message
+KnowMem-retain), each ``Question: q\\nAnswer: a\\n\\n``, and ends with ``Answer: `` (a trailing space, as MUSE's
+own prompts do: :func:`knowmem_prompt`). In the chat format every prompt becomes the user message
 (demonstrations dropped). Privleak items have an empty prompt: Min-K% scores the text from the BOS token.
 """
 
@@ -42,7 +43,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from datamodules.benchmarks.base import BenchmarkDataModule
+from datamodules.benchmarks.base import BenchmarkDataModule, data_note
 from datamodules.benchmarks.sources import SchemaError, is_local, load_validated, local_candidates
 from rerule_lightning.eval_suite import EvalSuite, SplitSpec
 from rerule_lightning.prompting import format_prompt
@@ -175,8 +176,15 @@ def render_muse(row: dict[str, Any], chat: bool, tokenizer: Any = None) -> str:
         return ""
     if style == "completion" and not chat:
         return row["question"]
-    shots = None if chat else [tuple(p) for p in row.get("few_shot") or []]
-    return format_prompt(row["question"], tokenizer, use_chat_template=chat, few_shot=shots)
+    if chat:
+        return format_prompt(row["question"], tokenizer, use_chat_template=True)
+    return knowmem_prompt(row["question"], [tuple(p) for p in row.get("few_shot") or []])
+
+
+def knowmem_prompt(question: str, demos: Sequence[tuple[str, str]]) -> str:
+    """MUSE's KnowMem prompt: each demonstration ``Question: q\nAnswer: a\n\n``, then ``Question: q\nAnswer: ``
+    with the trailing space MUSE (and open-unlearning) end the prompt with."""
+    return "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in demos) + f"Question: {question}\nAnswer: "
 
 
 def verbmem_mismatch(verbmem: Sequence[dict], forget_texts: Sequence[str], n: int) -> tuple[int, str, str] | None:
@@ -189,15 +197,14 @@ def verbmem_mismatch(verbmem: Sequence[dict], forget_texts: Sequence[str], n: in
     return None
 
 
-def knowmem_mismatch(rows: Sequence[dict], icl: Sequence[dict]) -> tuple[int, str, str] | None:
-    """First ICL demonstration that is also an evaluated question of its split (normalised text), as
-    ``(icl row, field, problem)``: the demonstration would hand the model the answer it is scored on."""
-    seen = {" ".join(norm_words(r["question"])): i for i, r in reversed(list(enumerate(rows)))}
+def knowmem_overlaps(rows: Sequence[dict], icl: Sequence[dict]) -> list[tuple[int, int]]:
+    """``(icl row, evaluated row)`` for every evaluated question that an ICL demonstration also asks
+    (normalised text). MUSE keeps such demonstrations (MUSE-Books: ``retain_qa_icl`` row 0 is ``retain_qa``
+    rows 28-29), so the datamodule only counts them unless ``icl_overlap: error``."""
+    demos: dict[str, int] = {}
     for i, r in enumerate(icl):
-        key = " ".join(norm_words(r["question"]))
-        if key in seen:
-            return i, "question", f"is also evaluation question row {seen[key]} (a demonstration would leak it)"
-    return None
+        demos.setdefault(" ".join(norm_words(r["question"])), i)
+    return sorted((demos[k], j) for j, r in enumerate(rows) if (k := " ".join(norm_words(r["question"]))) in demos)
 
 
 # ----------------------------------------------------------------------------------------- Lightning glue
@@ -210,13 +217,16 @@ MUSE_EVAL_SPLITS = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privl
 
 
 def muse_suite(name: str) -> EvalSuite:
-    """MUSE's four numbers: VerbMem-forget (ROUGE-L F1 of 128-token greedy continuations), KnowMem-forget and
-    KnowMem-retain (ROUGE-L F1, 32 tokens, cut at a blank line or "Question"), privleak (Min-K% AUC of
-    privleak/forget vs privleak/holdout, relative to the retrain model's)."""
-    km = {"max_new_tokens": 32, "stop": ["\n\n", "Question"], "teacher_forced": False}
+    """MUSE's four numbers: VerbMem-forget (ROUGE-L F1 of 128-token greedy continuations against the ground truth
+    cut to 128 tokens), KnowMem-forget and KnowMem-retain (ROUGE-L F1, 32 tokens, cut at a blank line or
+    "Question"), privleak (Min-K% AUC of privleak/forget vs privleak/holdout, relative to the retrain model's).
+    ROUGE as MUSE computes it: ``rouge_score`` with ``use_stemmer=False``. VerbMem also reports extraction
+    strength (open-unlearning does) from its teacher-forced pass."""
+    km = {"max_new_tokens": 32, "stop": ["\n\n", "Question"], "teacher_forced": False, "rouge": "rouge_score_nostem"}
     return EvalSuite(
         name,
-        [SplitSpec("verbmem_forget", max_new_tokens=128, teacher_forced=False),
+        [SplitSpec("verbmem_forget", max_new_tokens=128, teacher_forced=True, rouge="rouge_score_nostem",
+                   reference_max_tokens=128),
          SplitSpec("knowmem_forget", **km), SplitSpec("knowmem_retain", **km),
          SplitSpec("privleak_forget", generate=False), SplitSpec("privleak_holdout", generate=False)],
         mia=("privleak_forget", "privleak_holdout"),
@@ -239,6 +249,10 @@ class MUSEDataModule(BenchmarkDataModule):
         continuation_words: Words of the reference continuation.
         overlap_ngram: A window sharing this many consecutive words with a VerbMem or KnowMem probe is dropped.
         icl_shots: KnowMem demonstrations per split from its ``*_icl`` set (``None``: all, as MUSE does).
+        icl_overlap: An ICL demonstration that is also an evaluated KnowMem question: ``keep`` (MUSE does; the
+            count is printed) or ``error``.
+        skip_empty_raw: Skip ``raw`` rows whose text is empty (MUSE-News ``raw/forget`` row 821 is ``""``; the
+            count is printed); ``false`` makes them an error.
         source, batch_size, forget_fraction, epoch_length, eval_splits, eval_max_items, eval_batch_size, seed,
         prompt_format, tokenizer, cache_dir: see :class:`BenchmarkDataModule` (``prompt_format`` defaults to
             ``raw``: MUSE targets are base models).
@@ -247,13 +261,16 @@ class MUSEDataModule(BenchmarkDataModule):
     def __init__(self, corpus: Literal["books", "news"] = "books", target_name: str | None = None,
                  retain_split: str = "retain1", num_forget_prompts: int = 256, num_boundary_prompts: int = 256,
                  prefix_words: int = 32, continuation_words: int = 32, overlap_ngram: int = 8,
-                 icl_shots: int | None = None, source: str | None = None, batch_size: int = 16,
+                 icl_shots: int | None = None, icl_overlap: Literal["keep", "error"] = "keep",
+                 skip_empty_raw: bool = True, source: str | None = None, batch_size: int = 16,
                  forget_fraction: float = 0.5, epoch_length: int = 1000, eval_splits: list[str] | None = None,
                  eval_max_items: int | None = None, eval_batch_size: int = 16, seed: int = 0,
                  prompt_format: Literal["chat", "raw"] = "raw", tokenizer: str | None = None,
                  cache_dir: str | None = None) -> None:
         if corpus not in HUB_IDS:
             raise ValueError(f"MUSEDataModule: data.corpus={corpus!r}: choose 'books' or 'news'")
+        if icl_overlap not in ("keep", "error"):
+            raise ValueError(f"MUSEDataModule: data.icl_overlap={icl_overlap!r}: choose 'keep' or 'error'")
         if retain_split not in ("retain1", "retain2"):
             raise ValueError(f"MUSEDataModule: data.retain_split={retain_split!r}: choose 'retain1' or 'retain2'")
         for flag, v in (("num_forget_prompts", num_forget_prompts), ("num_boundary_prompts", num_boundary_prompts),
@@ -275,18 +292,35 @@ class MUSEDataModule(BenchmarkDataModule):
     def load_raw(self) -> dict[str, list[dict]]:
         """Every MUSE config/split, validated; then the cross-field checks: each VerbMem prompt is an excerpt
         of raw/forget, no KnowMem ICL demonstration is an evaluated question."""
-        raw = {f"{c}/{s}": load_validated(self.source, c, s, MUSE_SCHEMAS[c], dataset=self.source,
-                                          cache_dir=self.hparams.cache_dir)
+        h = self.hparams
+        raw = {f"{c}/{s}": load_validated(self.source, c, s, {"text": "str"} if c == "raw" and h.skip_empty_raw
+                                          else MUSE_SCHEMAS[c], dataset=self.source, cache_dir=h.cache_dir)
                for c, splits in MUSE_SPLITS.items() for s in splits}
+        for s in MUSE_SPLITS["raw"]:
+            rows = raw[f"raw/{s}"]
+            empty = [i for i, r in enumerate(rows) if not r["text"].strip()]
+            if len(empty) == len(rows):
+                raise SchemaError(self.source, "raw", s, None, "text", f"all {len(rows)} rows are empty text",
+                                  path=self._path("raw", s))
+            if empty:  # kept in place (window ids keep the dataset row index); an empty text gives no window
+                data_note(self.source, f"raw {s}: skipped {len(empty)} of {len(rows)} rows with empty text "
+                          f"(rows {empty[:10]}{' ...' if len(empty) > 10 else ''}); MUSE's data has them")
         forget = [r["text"] for r in raw["raw/forget"]]
         bad = verbmem_mismatch(raw["verbmem/forget"], forget, self.hparams.overlap_ngram)
         if bad:
             raise SchemaError(self.source, "verbmem", "forget", *bad, path=self._path("verbmem", "forget"))
         for split in ("forget_qa", "retain_qa"):
-            bad = knowmem_mismatch(raw[f"knowmem/{split}"], raw[f"knowmem/{split}_icl"])
-            if bad:
-                icl = f"{split}_icl"
-                raise SchemaError(self.source, "knowmem", icl, *bad, path=self._path("knowmem", icl))
+            icl = f"{split}_icl"
+            overlaps = knowmem_overlaps(raw[f"knowmem/{split}"], raw[f"knowmem/{icl}"])
+            if overlaps and self.hparams.icl_overlap == "error":
+                i, row = overlaps[0]
+                raise SchemaError(self.source, "knowmem", icl, i, "question", f"is also evaluation question row "
+                                  f"{row} (a demonstration would leak it; data.icl_overlap: keep tolerates it, as "
+                                  "MUSE does)", path=self._path("knowmem", icl))
+            if overlaps:
+                data_note(self.source, f"knowmem {icl}: {len({i for i, _ in overlaps})} demonstration(s) also asked "
+                          f"as {len(overlaps)} evaluated {split} question(s) (rows {[r for _, r in overlaps]}); kept, "
+                          "as MUSE does")
         return raw
 
     def _path(self, config: str, split: str) -> str | None:

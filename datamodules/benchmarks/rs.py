@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.benchmarks.base import BenchmarkDataModule, normalise_question, probe_index
+from datamodules.benchmarks.base import BenchmarkDataModule, data_note, normalise_question, probe_index
 from rerule_lightning.prompting import collate_right_padded, format_answer, tokenize_pair
 
 
@@ -51,11 +51,16 @@ class RejectionSteeringDataModule(L.LightningDataModule):
         batch_size: Pairs per optimizer step.
         max_length: Longest tokenised pair accepted; longer pairs fail before training.
         seed: Sampling and shuffling seed.
+        min_refusals: Fewest refusal examples rejection steering may train on; fewer fail in ``setup`` before
+            any training, naming the count and this knob (RULE trains on about 300 per target).
     """
 
     def __init__(self, benchmark: BenchmarkDataModule, tokenizer: str, refusal_fraction: float = 0.5,
-                 retain_anchor_ratio: float = 1.0, batch_size: int = 8, max_length: int = 512, seed: int = 0) -> None:
+                 retain_anchor_ratio: float = 1.0, batch_size: int = 8, max_length: int = 512, seed: int = 0,
+                 min_refusals: int = 8) -> None:
         super().__init__()
+        if min_refusals < 1:
+            raise ValueError(f"data.min_refusals={min_refusals}: must be >= 1")
         if not 0.0 < refusal_fraction <= 1.0:
             raise ValueError(f"data.refusal_fraction={refusal_fraction}: must be in (0, 1]")
         if retain_anchor_ratio < 0:
@@ -95,8 +100,16 @@ class RejectionSteeringDataModule(L.LightningDataModule):
             if hit is not None:
                 raise ValueError(f"{bench.source}: retain anchor {a['question'][:80]!r} is evaluation item "
                                  f"{hit[1]!r} of split {hit[0]!r}; never train on evaluation probes")
-        self.pairs = select_pairs(bench.refusal_pairs(bench.raw), anchors, h.refusal_fraction,
-                                  h.retain_anchor_ratio, h.seed)
+        refusals = bench.refusal_pairs(bench.raw)
+        self.pairs = select_pairs(refusals, anchors, h.refusal_fraction, h.retain_anchor_ratio, h.seed)
+        n_ref = sum(p["kind"] == "refusal" for p in self.pairs)
+        if n_ref < h.min_refusals:
+            raise ValueError(f"{bench.source}: rejection steering would train on {n_ref} refusal example(s) "
+                             f"(data.refusal_fraction={h.refusal_fraction} of {len(refusals)} forget prompts), fewer "
+                             f"than data.min_refusals={h.min_refusals}; raise data.refusal_fraction, add forget "
+                             "material, or lower data.min_refusals")
+        data_note(bench.source, f"rejection steering: {n_ref} refusals + "
+                  f"{len(self.pairs) - n_ref} retain anchors (of {len(refusals)} forget prompts, {len(anchors)} anchors)")
         self.examples = [tokenize_pair(self._tokenizer,
                                        p["prompt"] if isinstance(p["prompt"], str) else bench.render(p["question"]),
                                        format_answer(p["completion"], bench.use_chat_template), h.max_length)

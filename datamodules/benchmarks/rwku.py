@@ -6,6 +6,7 @@ What is loaded (hub layout = local ``<source>/<config>/<split>.jsonl``):
 config                                           split  columns
 ===============================================  =====  ==========================================
 forget_target                                    train  target, intro
+train_refusal_llama3 (``training_config``)       train  subject, instruction, output (optional)
 forget_level1/2/3, neighbor_level1/2             test   subject, query, answer, level ("1".."3"), type
 mia_forget, mia_retain                           test   subject, text
 utility_fluency                                  test   subject, instruction
@@ -27,8 +28,15 @@ RL prompts, per selected target T (no RWKU probe is ever an RL prompt):
   ``boundary_swap_blank``); their reference answer is the **original model's own greedy answer**, recorded
   before unlearning (:func:`reference_cache_path`). Each related forget_target entry also gives its blanked
   intro (``boundary_intro``), whose reference is the true blanked part.
+* **training-side questions** (``training_config``, RWKU's ``train_refusal_llama3``: about 300 questions per
+  target that RWKU generated for refusal training, never its evaluation probes): each is a forget prompt
+  (``forget_train_question``) and, 1:1, the same question with T's name replaced by a related entity's
+  (cycling through them) is a boundary prompt (``boundary_swap_train``) answered by the original model. A
+  question that does not name T has no swap; one that equals a probe is dropped before pairing. RULE's
+  fill-in-the-blank rewrites of these questions (LLM-written) are not reproduced: the template blanks stand in.
 * Any RL prompt whose normalised text equals a probe query (forget or neighbour, any level, any target) is
-  dropped, and :func:`assert_disjoint` checks the result.
+  dropped, and :func:`assert_disjoint` checks the result. The intros' leading "Please forget T." sentence is
+  removed first (:func:`strip_forget_request`). ``prepare_data`` prints the counts per target.
 
 Prompt format: RWKU's own evaluation wrappers inside the tokenizer's chat template (an 8B instruct model),
 followed by ``Answer:`` where RWKU puts it (:func:`wrap_query`); RL prompts use the same wrappers (blanks as
@@ -40,10 +48,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from datamodules.benchmarks.base import BenchmarkDataModule
+from datamodules.benchmarks.base import BenchmarkDataModule, data_note
 from datamodules.benchmarks.rwku_prompts import (  # noqa: F401  (re-exported: the prompt construction API)
     QUESTION_TEMPLATES,
     assert_disjoint,
@@ -51,11 +60,14 @@ from datamodules.benchmarks.rwku_prompts import (  # noqa: F401  (re-exported: t
     intro_blank,
     needs_reference,
     normalise,
+    pool_counts,
+    pool_owner,
     probe_style,
     related_entities,
     render_rwku,
     rl_prompts,
     select_targets,
+    strip_forget_request,
     template_prompts,
     wrap_query,
 )
@@ -75,6 +87,7 @@ RWKU_SCHEMAS: dict[str, dict[str, str]] = {
     "utility_fluency": {"subject": "text", "instruction": "text"},
 }
 RWKU_SPLIT = {c: ("train" if c == "forget_target" else "test") for c in RWKU_SCHEMAS}
+TRAINING_SCHEMA = {"subject": "text", "instruction": "text", "output": "str?"}
 PROBE_CONFIGS = ("forget_level1", "forget_level2", "forget_level3", "neighbor_level1", "neighbor_level2")
 
 def _item(split: str, i: int, question: str, answer: str, target: str, style: str) -> dict[str, Any]:
@@ -146,11 +159,11 @@ REFUSALS = ("That's beyond my knowledge of {t}.", "I don't have any information 
 
 
 def rwku_suite() -> EvalSuite:
-    """RWKU's numbers: ROUGE-L recall of 30-token greedy answers (cut at a newline) on forget levels 1-3 and
-    neighbour levels 1-2, and fluency (weighted 2/3-gram entropy of 256-token answers to the fluency set)."""
-    probe = {"max_new_tokens": 30, "stop": ["\n"], "teacher_forced": False}
+    """RWKU's numbers: ROUGE-L recall (RWKU's own, the ``rouge`` package's: :func:`rerule_lightning.rouge.rwku_rouge_l`)
+    of 30-token greedy answers (cut at a newline) on forget levels 1-3 and neighbour levels 1-2, and fluency (weighted 2/3-gram entropy of 256-token answers to the fluency set)."""
+    probe = {"max_new_tokens": 30, "stop": ["\n"], "teacher_forced": False, "rouge": "rwku"}
     splits = [SplitSpec(s, **probe) for s in RWKU_EVAL_SPLITS[:5]]
-    splits.append(SplitSpec("fluency", max_new_tokens=256, teacher_forced=False))
+    splits.append(SplitSpec("fluency", max_new_tokens=256, teacher_forced=False, rouge="rwku"))
     head = {s: f"{s}/rouge_l_recall" for s in RWKU_EVAL_SPLITS[:5]}
     head["fluency"] = "fluency/fluency"
     return EvalSuite("rwku", splits, headline=head)
@@ -168,6 +181,12 @@ class RWKUDataModule(BenchmarkDataModule):
             in ``prepare_data`` (rank 0) and cached under ``<cache_dir or .cache/rerule>/rwku_reference/``
             keyed by the model's file signature and the rendered prompts.
         reference_max_new_tokens: Greedy tokens per reference answer (cut at the first newline).
+        training_config: RWKU's training-side config whose questions about each target become forget RL prompts
+            and rejection-steering refusals, each paired with the same question about a related entity as a
+            boundary prompt (``train_refusal_llama3``: about 300 generated questions per target, split
+            ``train``, columns subject, instruction, output). ``null``, or a local source without it (a
+            printed note says so), leaves the template prompts only.
+        max_train_questions: Cap on training-side questions per target (seeded subsample); ``null`` keeps all.
         tokenizer: Prompt-rendering tokenizer (its chat template); defaults to ``reference_model``.
         source, batch_size, forget_fraction, epoch_length, eval_splits, eval_max_items, eval_batch_size, seed,
         prompt_format, cache_dir: see :class:`BenchmarkDataModule` (``prompt_format`` is ``chat`` by default:
@@ -178,7 +197,8 @@ class RWKUDataModule(BenchmarkDataModule):
 
     def __init__(self, targets: list[str] | int = 1, swaps_per_target: int = 3,
                  boundary_entities: list[str] | None = None, reference_model: str | None = None,
-                 reference_max_new_tokens: int = 30, source: str | None = None, batch_size: int = 16,
+                 reference_max_new_tokens: int = 30, training_config: str | None = "train_refusal_llama3",
+                 max_train_questions: int | None = None, source: str | None = None, batch_size: int = 16,
                  forget_fraction: float = 0.5, epoch_length: int = 1000, eval_splits: list[str] | None = None,
                  eval_max_items: int | None = None, eval_batch_size: int = 16, seed: int = 0,
                  prompt_format: Literal["chat", "raw"] = "chat", tokenizer: str | None = None,
@@ -187,6 +207,8 @@ class RWKUDataModule(BenchmarkDataModule):
             raise ValueError(f"RWKUDataModule: data.swaps_per_target={swaps_per_target}: must be >= 0")
         if reference_max_new_tokens < 1:
             raise ValueError(f"RWKUDataModule: data.reference_max_new_tokens={reference_max_new_tokens}: must be >= 1")
+        if max_train_questions is not None and max_train_questions < 1:
+            raise ValueError(f"RWKUDataModule: data.max_train_questions={max_train_questions}: must be >= 1 or null")
         tokenizer = tokenizer or reference_model  # recorded in hparams as the prompt tokenizer
         super().__init__(source=source, batch_size=batch_size, forget_fraction=forget_fraction,
                          epoch_length=epoch_length, eval_splits=eval_splits, eval_max_items=eval_max_items,
@@ -210,7 +232,43 @@ class RWKUDataModule(BenchmarkDataModule):
             if bad:
                 raise SchemaError(self.source, c, "test", *bad, path=self._path(c))
         select_targets(known, self.hparams.targets)
+        if self.hparams.training_config:
+            raw[self.hparams.training_config] = self._load_training(known)
+        asks = sum(strip_forget_request(r["intro"]) != r["intro"] for r in raw["forget_target"])
+        if asks:
+            data_note(self.source, f"forget_target: removed the leading \"Please forget X.\" sentence from {asks} of "
+                      f"{len(raw['forget_target'])} intros (never a prompt or an anchor)")
         return raw
+
+    def _load_training(self, known: list[str]) -> list[dict]:
+        """The training-side question rows (``[]`` without ``training_config`` or when a local source lacks it)."""
+        config = self.hparams.training_config
+        if not config:
+            return []
+        if is_local(self.source) and not any(os.path.isfile(p) for p in local_candidates(self.source, config, "train")):
+            data_note(self.source, f"{config}/train absent: forget prompts and RS refusals come from the question "
+                      "templates only (25 per target), boundary prompts from template swaps")
+            return []
+        rows = load_validated(self.source, config, "train", TRAINING_SCHEMA, dataset=self.source,
+                              cache_dir=self.hparams.cache_dir)
+        names = set(known)
+        for i, r in enumerate(rows):
+            if r["subject"] not in names:
+                raise SchemaError(self.source, config, "train", i, "subject",
+                                  f"{r['subject']!r} is not a target in forget_target")
+        return rows
+
+    def train_questions(self, raw: dict[str, list[dict]]) -> dict[str, list[str]]:
+        """Target -> its training-side questions (distinct, in file order; ``max_train_questions`` seeded)."""
+        cap, out = self.hparams.max_train_questions, {}
+        for t in self.selected(raw):
+            qs = list(dict.fromkeys(r["instruction"].strip() for r in raw.get(self.hparams.training_config or "", [])
+                                    if r["subject"] == t))
+            if cap is not None and len(qs) > cap:
+                keep = set(random.Random(self.hparams.seed).sample(range(len(qs)), cap))
+                qs = [q for i, q in enumerate(qs) if i in keep]
+            out[t] = qs
+        return out
 
     def _path(self, config: str) -> str | None:
         found = [p for p in local_candidates(self.source, config, RWKU_SPLIT[config]) if os.path.isfile(p)]
@@ -226,10 +284,13 @@ class RWKUDataModule(BenchmarkDataModule):
 
     def _unreferenced_pool(self, raw: dict[str, list[dict]]) -> list[dict]:
         """Rendered RL rows before the original model's answers are filled in (probe collisions dropped)."""
-        intros = {r["target"]: r["intro"] for r in raw["forget_target"]}
-        rows = rl_prompts(self.selected(raw), intros, self.hparams.swaps_per_target,
-                          self.hparams.boundary_entities or ())
+        intros = {r["target"]: strip_forget_request(r["intro"]) for r in raw["forget_target"]}
         queries = [r["query"] for c in PROBE_CONFIGS for r in raw[c]]
+        probes = {normalise(q) for q in queries}
+        # a training question that is a probe is dropped before pairing, so its swap is never a boundary prompt
+        train = {t: [q for q in qs if normalise(q) not in probes] for t, qs in self.train_questions(raw).items()}
+        rows = rl_prompts(self.selected(raw), intros, self.hparams.swaps_per_target,
+                          self.hparams.boundary_entities or (), train)
         rows = drop_probe_collisions(rows, queries)
         assert_disjoint(rows, queries)
         return [self._render(r) for r in rows]
@@ -243,7 +304,10 @@ class RWKUDataModule(BenchmarkDataModule):
     def prepare_data(self) -> None:
         """Validate the data, then record the original model's greedy answers to the swapped boundary prompts."""
         raw = self.load_raw()
-        rows = [r for r in self._unreferenced_pool(raw) if needs_reference(r)]
+        pool = self._unreferenced_pool(raw)
+        for line in pool_counts(pool, self.selected(raw)):
+            data_note(self.source, line)
+        rows = [r for r in pool if needs_reference(r)]
         if rows and self.hparams.reference_model:  # a missing reference model is reported in setup (fit only)
             self._record_references(rows)
 
@@ -314,6 +378,8 @@ class RWKUDataModule(BenchmarkDataModule):
                  "completion": REFUSALS[i % len(REFUSALS)].format(t=r["target"])} for i, r in enumerate(forget)]
 
     def anchor_pairs(self, raw: dict[str, list[dict]]) -> list[dict]:
-        """Retain anchors with true answers: the related entities' blanked intros."""
+        """Retain anchors: the related entities' blanked intros with their true text, and (after ``setup("fit")``,
+        which records them) the boundary questions with the original model's answers."""
+        rows = self.pool if self.pool else self._unreferenced_pool(raw)
         return [{"question": r["question"], "prompt": r["prompt"], "completion": r["reference"]}
-                for r in self._unreferenced_pool(raw) if r["kind"] == "boundary_intro"]
+                for r in rows if r["label"] == "boundary" and r["reference"].strip()]

@@ -54,6 +54,15 @@ def select_targets(all_targets: Sequence[str], targets: Sequence[str] | int) -> 
     return list(targets)
 
 
+_FORGET_REQUEST = re.compile(r"^\s*Please forget [^.]*\.\s*")
+
+
+def strip_forget_request(intro: str) -> str:
+    """The intro without RWKU's leading request sentence ("Please forget X. X is ..." -> "X is ..."): every
+    released intro starts with it, and it must never become a prompt or an anchor."""
+    return _FORGET_REQUEST.sub("", intro, count=1)
+
+
 def _content(text: str) -> set[str]:
     return {w for w in normalise(text).split() if w not in _STOP}
 
@@ -97,20 +106,26 @@ def template_prompts(entity: str, label: str, prefix: str) -> list[dict[str, Any
 
 
 def rl_prompts(targets: Sequence[str], intros: dict[str, str], swaps_per_target: int,
-               boundary_entities: Sequence[str] = ()) -> list[dict[str, Any]]:
+               boundary_entities: Sequence[str] = (),
+               train_questions: dict[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Forget and boundary RL rows for ``targets`` (see the module docstring); ``reference`` is "" for
-    ``boundary_swap_*`` rows until :func:`fill_references` sets the original model's answers."""
+    ``boundary_swap_*`` rows until :func:`fill_references` sets the original model's answers. With
+    ``train_questions`` (target -> RWKU's training-side questions) each target also gets
+    :func:`training_prompts` about its related entities."""
     rows: list[dict[str, Any]] = []
     for t in targets:
+        related = related_entities(t, intros, targets, swaps_per_target)
+        extra = [b for b in boundary_entities if b not in targets and b not in related]
         rows += template_prompts(t, "forget", f"forget:{t}")
         q, _ = intro_blank(intros[t])
         rows.append(_row(f"forget:{t}-intro", q, "forget", "forget_intro", "blank", t))
-        related = related_entities(t, intros, targets, swaps_per_target)
-        for e in related + [b for b in boundary_entities if b not in targets and b not in related]:
+        for e in related + extra:
             rows += template_prompts(e, "boundary", f"boundary_swap:{t}:{e}")
             if e in intros:
                 q, a = intro_blank(intros[e])
                 rows.append(_row(f"boundary_intro:{t}:{e}", q, "boundary", "boundary_intro", "blank", e, a))
+        if train_questions and train_questions.get(t) and related + extra:
+            rows += training_prompts(t, train_questions[t], related + extra)
     seen: set[str] = set()
     unique = []
     for r in rows:  # an entity related to two targets is asked once
@@ -119,6 +134,39 @@ def rl_prompts(targets: Sequence[str], intros: dict[str, str], swaps_per_target:
             seen.add(key)
             unique.append(r)
     return unique
+
+
+def swap_entity(question: str, target: str, entity: str) -> str | None:
+    """``question`` with every whole-word occurrence of ``target`` replaced by ``entity`` (the same question
+    about another person, RULE's boundary construction); ``None`` when the question does not name ``target``."""
+    pattern = re.compile(r"(?<![\w])" + re.escape(target) + r"(?![\w])")
+    return pattern.sub(entity, question) if pattern.search(question) else None
+
+
+def training_prompts(target: str, questions: Sequence[str], related: Sequence[str]) -> list[dict[str, Any]]:
+    """RL rows from RWKU's training-side questions about ``target`` (``train_refusal_llama3``'s ``instruction``):
+    each question is a forget prompt (``forget_train_question``), and as many boundary prompts
+    (``boundary_swap_train``) ask the same questions about the ``related`` entities in turn (question i about
+    ``related[i % len(related)]``; a question that does not name the target cannot be swapped and the next
+    one is used, cycling through the entities again until the count matches or no swap is new), so forget and
+    boundary are 1:1. Boundary references are the original model's answers (filled later)."""
+    rows = [_row(f"forget:{target}-t{i}", q, "forget", "forget_train_question", "question", target)
+            for i, q in enumerate(questions)]
+    swappable = [(i, q) for i, q in enumerate(questions) if swap_entity(q, target, target + "_") is not None]
+    boundary: list[dict[str, Any]] = []
+    used: set[tuple[int, str]] = set()
+    for k in range(len(swappable) * len(related)):  # pass p = k // n asks question j about entity (j + p) % R
+        if len(boundary) >= len(rows):
+            break
+        j, p = k % len(swappable), k // len(swappable)
+        i, q = swappable[j]
+        e = related[(j + p) % len(related)]
+        if (i, e) in used:
+            continue
+        used.add((i, e))
+        boundary.append(_row(f"boundary_swap:{target}:{e}-t{i}", swap_entity(q, target, e) or q, "boundary",
+                             "boundary_swap_train", "question", e))
+    return rows + boundary
 
 
 def drop_probe_collisions(rows: Sequence[dict], probe_queries: Sequence[str]) -> list[dict]:
@@ -133,6 +181,27 @@ def assert_disjoint(rows: Sequence[dict], probe_queries: Sequence[str]) -> None:
     clash = [r["id"] for r in rows if normalise(r["question"]) in probes]
     if clash:
         raise ValueError(f"RWKU RL prompts {clash[:5]} are evaluation probes; RL must never train on them")
+
+
+def pool_owner(rid: str) -> str:
+    """The forgotten target an RL row belongs to, from its id (``forget:<t>-<k>``, ``boundary_*:<t>:<e>...``)."""
+    kind, rest = rid.split(":", 1)
+    return rest.rsplit("-", 1)[0] if kind == "forget" else rest.split(":", 1)[0]
+
+
+def pool_counts(pool: Sequence[dict], targets: Sequence[str]) -> list[str]:
+    """One line per target: its forget and boundary RL prompts by source (printed in ``prepare_data``)."""
+    lines = []
+    for t in targets:
+        mine = [r for r in pool if pool_owner(r["id"]) == t]
+        f = [r for r in mine if r["label"] == "forget"]
+        b = [r for r in mine if r["label"] == "boundary"]
+        ft = sum(r["kind"] == "forget_train_question" for r in f)
+        bt = sum(r["kind"] == "boundary_swap_train" for r in b)
+        lines.append(f"target {t!r}: {len(f)} forget RL prompts ({ft} training-side questions, {len(f) - ft} "
+                     f"template questions/blanks/intro), {len(b)} boundary ({bt} training-side questions about "
+                     f"related entities, {len(b) - bt} template swaps/intros)")
+    return lines
 
 
 def needs_reference(row: dict) -> bool:

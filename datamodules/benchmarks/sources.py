@@ -2,7 +2,8 @@
 
 Local layout (also the hub layout: config = HF config name, split = HF split name)::
 
-    <source>/<config>/<split>.jsonl      (or .json: a list of objects / JSON lines, or .parquet)
+    <source>/<config>/<split>.jsonl      (or .json: a list of objects, several lists in a row as
+                                          ``datasets``' ``to_json(lines=False)`` writes, or JSON lines; or .parquet)
 
 A hub id (``"locuslab/TOFU"``) is loaded with ``datasets.load_dataset(source, config, split=split)``; call
 that only from ``prepare_data`` / ``setup``. Every problem is a :class:`SchemaError` (a ``ValueError``, so the
@@ -64,11 +65,7 @@ def _read_json_lines(path: str, dataset: str, config: str, split: str) -> list[A
         raise SchemaError(dataset, config, split, line, None, f"not valid UTF-8 ({err.reason})", path) from None
     stripped = text.lstrip()
     if path.endswith(".json") and stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SchemaError(dataset, config, split, None, None, f"bad JSON: {err}", path) from None
-        return list(rows)
+        return _read_json_arrays(text, path, dataset, config, split)
     rows: list[Any] = []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():
@@ -79,6 +76,26 @@ def _read_json_lines(path: str, dataset: str, config: str, split: str) -> list[A
             raise SchemaError(dataset, config, split, len(rows), None, f"bad JSON on line {i + 1}: {err.msg}",
                               path) from None
     return rows
+
+
+def _read_json_arrays(text: str, path: str, dataset: str, config: str, split: str) -> list[Any]:
+    """One JSON array, or several in a row: ``datasets``' ``to_json(lines=False)`` writes one array per 1000
+    rows, one per line (public TOFU copies are laid out so); their rows are concatenated in order."""
+    decoder, rows, pos = json.JSONDecoder(), [], 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            return rows
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise SchemaError(dataset, config, split, None, None, f"bad JSON: {err}", path) from None
+        if not isinstance(value, list):
+            line = text.count("\n", 0, pos) + 1
+            raise SchemaError(dataset, config, split, len(rows), None, f"bad JSON on line {line}: expected a "
+                              f"JSON array of rows (one or more), got {type(value).__name__}", path)
+        rows.extend(value)
 
 
 def _read_parquet(path: str) -> list[dict]:

@@ -38,6 +38,9 @@ from datamodules.benchmarks.tofu_authors import author_name, group_by_author, pr
 from datamodules.world import REFUSAL_TEMPLATES
 from rerule_lightning.eval_suite import EvalSuite, SplitSpec
 
+#: open-unlearning's TOFU chat prompt: the system message and fixed date its targets were fine-tuned with.
+TOFU_SYSTEM_PROMPT = "You are a helpful assistant."
+TOFU_DATE_STRING = "10 Apr 2025"
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 QA_SCHEMA = {"question": "text", "answer": "text"}
 PERTURBED_SCHEMA = {"question": "text", "answer": "text", "paraphrased_answer": "text", "perturbed_answer": "text_list",
@@ -85,9 +88,17 @@ class TOFUDataModule(BenchmarkDataModule):
             takes as many as there are forget authors.
         source, batch_size, forget_fraction, epoch_length, eval_splits, eval_max_items, eval_batch_size, seed,
             prompt_format, tokenizer, few_shot, cache_dir: See :class:`BenchmarkDataModule`.
+        system_prompt: Chat format: system message of every prompt (open-unlearning's TOFU targets were
+            fine-tuned with "You are a helpful assistant."); ``null`` for none.
+        date_string: Chat format: the date the Llama-3.x template writes ("10 Apr 2025", as the targets saw;
+            without it the template writes today's date and prompts change every day); ``null`` for the
+            template's default.
     """
 
     dataset_name = "locuslab/TOFU"
+
+    def chat_options(self) -> dict[str, str | None]:
+        return {"system_prompt": self.system_prompt, "date_string": self.date_string}
 
     def __init__(self, forget_split: Literal["forget01", "forget05", "forget10"] = "forget10",
                  rows_per_author: int = 20, num_perturbed: int | None = 5, forget_fraction_rl: float = 0.5,
@@ -95,8 +106,10 @@ class TOFUDataModule(BenchmarkDataModule):
                  forget_fraction: float = 0.5, epoch_length: int = 1000, eval_splits: list[str] | None = None,
                  eval_max_items: int | None = None, eval_batch_size: int = 16, seed: int = 0,
                  prompt_format: Literal["chat", "raw"] = "chat", tokenizer: str | None = None, few_shot: int = 0,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, system_prompt: str | None = TOFU_SYSTEM_PROMPT,
+                 date_string: str | None = TOFU_DATE_STRING) -> None:
         tofu_configs(forget_split)  # validates forget_split
+        self.system_prompt, self.date_string = system_prompt, date_string
         if rows_per_author < 1:
             raise ValueError(f"data.rows_per_author={rows_per_author}: must be >= 1")
         if num_perturbed is not None and num_perturbed < 1:

@@ -88,16 +88,18 @@ def answer_accuracy(predictions: Sequence[str], values: Sequence[str],
     return _mean([float(f) for f in answer_correct_flags(predictions, values, refusal_fn)])
 
 
-def rouge_l_recall_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """Per-item ROUGE-L recall of each prediction against its reference (TOFU / RULE / RWKU convention)."""
+def rouge_l_recall_scores(predictions: Sequence[str], references: Sequence[str],
+                          impl: str = "rouge_score") -> list[float]:
+    """Per-item ROUGE-L recall of each prediction against its reference (TOFU / RULE / RWKU convention;
+    ``impl`` one of :data:`rerule_lightning.rouge.ROUGE_IMPLS`)."""
     _check_same_length(predictions, references, "predictions and references")
-    return [rouge_l(p, r).recall for p, r in zip(predictions, references, strict=True)]
+    return [rouge_l(p, r, impl).recall for p, r in zip(predictions, references, strict=True)]
 
 
-def rouge_l_f1_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """Per-item ROUGE-L F1 of each prediction against its reference (MUSE convention)."""
+def rouge_l_f1_scores(predictions: Sequence[str], references: Sequence[str], impl: str = "rouge_score") -> list[float]:
+    """Per-item ROUGE-L F1 of each prediction against its reference (MUSE convention; ``impl`` as above)."""
     _check_same_length(predictions, references, "predictions and references")
-    return [rouge_l(p, r).fmeasure for p, r in zip(predictions, references, strict=True)]
+    return [rouge_l(p, r, impl).fmeasure for p, r in zip(predictions, references, strict=True)]
 
 
 def verbmem_scores(continuations: Sequence[str], references: Sequence[str]) -> list[float]:

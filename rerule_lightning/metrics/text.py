@@ -57,26 +57,44 @@ class AnswerAccuracy(MeanOfItems):
 
 class RougeLRecall(MeanOfItems):
     """Mean ROUGE-L recall against references (TOFU / RULE / RWKU; twin of
-    :func:`functional.rouge_l_recall_scores`)."""
+    :func:`functional.rouge_l_recall_scores`).
+
+    Args:
+        impl: ROUGE implementation, one of :data:`rerule_lightning.rouge.ROUGE_IMPLS`.
+        **kwargs: Passed to ``torchmetrics.Metric``.
+    """
 
     is_differentiable = False
     higher_is_better = None
 
+    def __init__(self, impl: str = "rouge_score", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.impl = impl
+
     def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
         """Add completions and their references (same length)."""
-        self._add(F.rouge_l_recall_scores(predictions, references))
+        self._add(F.rouge_l_recall_scores(predictions, references, self.impl))
 
 
 class RougeLF1(MeanOfItems):
     """Mean ROUGE-L F1 against references (MUSE VerbMem / KnowMem; twin of
-    :func:`functional.rouge_l_f1_scores`)."""
+    :func:`functional.rouge_l_f1_scores`).
+
+    Args:
+        impl: ROUGE implementation, one of :data:`rerule_lightning.rouge.ROUGE_IMPLS`.
+        **kwargs: Passed to ``torchmetrics.Metric``.
+    """
 
     is_differentiable = False
     higher_is_better = None
 
+    def __init__(self, impl: str = "rouge_score", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.impl = impl
+
     def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
         """Add completions and their references (same length)."""
-        self._add(F.rouge_l_f1_scores(predictions, references))
+        self._add(F.rouge_l_f1_scores(predictions, references, self.impl))
 
 
 class Fluency(MeanOfItems):
