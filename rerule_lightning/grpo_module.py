@@ -64,15 +64,24 @@ from rerule_lightning import logprobs
 from rerule_lightning.checkpointing import check_state_dict_matches
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
+from rerule_lightning.generation import (
+    check_generation_kwargs,
+    encode_prompts,
+    end_at_stop_strings,
+    rollout_generation_config,
+    sample_rollouts,
+)
 from rerule_lightning.grpo import (
     group_advantages,
     grpo_loss,
+    grpo_token_loss,
     k3_kl,
     kind_signal,
     off_policy_loss,
 )
 from rerule_lightning.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
 from rerule_lightning.logprobs import token_logprobs
+from rerule_lightning.micro_batch import LossPart, accumulate, chunked_logprobs
 from rerule_lightning.policy import (
     PolicyConfig,
     build_policy,
@@ -103,12 +112,22 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         num_generations: G, completions sampled per prompt.
         max_new_tokens: Longest completion sampled.
         temperature: Sampling temperature (log-probs use the same temperature).
-        top_p: Nucleus sampling threshold.
+        top_p: Nucleus sampling threshold (behaviour log-probs are those of the untruncated tempered softmax, so
+            keep 1.0, RULE's setting, for exact ratios).
+        stop_token_ids: Further token ids that end a completion besides the tokenizer's EOS (e.g. Llama-3's
+            ``<|eot_id|>``).
+        generation_kwargs: Extra rollout ``GenerationConfig`` fields that leave the sampling distribution
+            unchanged: ``cache_implementation``, ``cache_config``, ``use_cache``, ``stop_strings``; anything else
+            is refused. Rollouts never read the model's own ``generation_config``
+            (:func:`rerule_lightning.generation.sample_rollouts`).
         learning_rate: AdamW learning rate (constant).
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient-norm clip (``self.clip_gradients``); 0 disables.
         num_iterations: μ, optimizer steps per rollout batch, reusing the rollouts against π_old (each one
             counts in ``trainer.global_step``).
+        micro_batch_size: Sequences per forward / backward (fresh and replayed alike, policy and reference
+            passes), gradients accumulated inside the one optimizer step under the whole batch's normaliser
+            (:mod:`rerule_lightning.micro_batch`); ``None`` forwards each part in one pass.
         beta: KL coefficient (k3 estimator, verl's clamps); 0 skips the reference pass entirely.
         epsilon_low: Lower clip range ε_low.
         epsilon_high: Upper clip range ε_high.
@@ -133,8 +152,9 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
                  num_generations: int = 8, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
+                 stop_token_ids: list[int] | None = None, generation_kwargs: dict[str, Any] | None = None,
                  learning_rate: float = 2e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
-                 num_iterations: int = 1, beta: float = 0.01, epsilon_low: float = 0.2, epsilon_high: float = 0.3,
+                 num_iterations: int = 1, micro_batch_size: int | None = None, beta: float = 0.01, epsilon_low: float = 0.2, epsilon_high: float = 0.3,
                  dual_clip: float | None = 3.0,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
                  scale_rewards: Literal["group", "batch", "none"] = "group", reward: str = "rule",
@@ -153,6 +173,8 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             errors.append(f"num_generations={num_generations}: GRPO needs at least 2 completions per prompt")
         if num_iterations < 1:
             errors.append(f"num_iterations={num_iterations}: must be >= 1")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            errors.append(f"micro_batch_size={micro_batch_size}: must be >= 1 (or null for one pass)")
         if temperature <= 0:
             errors.append(f"temperature={temperature}: must be > 0")
         if not 0 < top_p <= 1:
@@ -163,6 +185,7 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             errors.append(f"scale_rewards={scale_rewards!r}: choose group, batch or none")
         if beta < 0:
             errors.append(f"beta={beta}: must be >= 0")
+        errors += check_generation_kwargs(generation_kwargs)
         if errors:
             raise ValueError("GRPOUnlearningModule: " + "; ".join(errors))
         try:
@@ -195,24 +218,26 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
 
     # -------------------------------------------------------------- rollouts
     def _sample(self, prompts: list[str]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
-        """Sample G completions per prompt. Returns prompt ids, completion ids/mask ``[B*G, T]`` and texts."""
-        from rerule_lightning.generation import encode_prompts
+        """Sample G completions per prompt. Returns prompt ids, completion ids/mask ``[B*G, T]`` and texts.
 
+        The distribution is the module's alone (a fresh ``GenerationConfig``; the model's own is ignored)."""
         h, tok = self.hparams, self.tokenizer
         torch.manual_seed(h.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
         enc = encode_prompts(tok, prompts, self.device)
+        eos = list(dict.fromkeys([tok.eos_token_id, *(h.stop_token_ids or [])]))
+        config = rollout_generation_config(h.temperature, h.top_p, h.max_new_tokens, h.num_generations, eos,
+                                           pad_token_id=eos[0], generation_kwargs=h.generation_kwargs)
         was_training = self.model.training
         self.model.eval()
         with torch.inference_mode():
-            out = self.model.generate(
-                **enc, do_sample=True, temperature=h.temperature, top_p=h.top_p, top_k=0,
-                max_new_tokens=h.max_new_tokens, num_return_sequences=h.num_generations,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            out = sample_rollouts(self.model, enc, config, tok)  # [B*G, P+T], finished rows padded with eos[0]
         self.model.train(was_training)
         completion_ids = out[:, enc["input_ids"].size(1):].clone()  # [B*G, T] (clone leaves inference mode)
         if completion_ids.size(1) == 0:
             completion_ids = torch.full((out.size(0), 1), tok.eos_token_id, device=out.device)
-        mask = completion_mask_from_ids(completion_ids, tok.eos_token_id)  # [B*G, T]
+        mask = completion_mask_from_ids(completion_ids, eos)  # [B*G, T]
+        if (h.generation_kwargs or {}).get("stop_strings"):
+            mask = end_at_stop_strings(completion_ids, mask, tok, h.generation_kwargs["stop_strings"], eos)
         completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
         texts = [t.strip() for t in tok.batch_decode(completion_ids, skip_special_tokens=True)]
         prompt_ids = [row[m.bool()].clone() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
@@ -284,7 +309,8 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         ref_logp = None
         if h.beta > 0 and f_pids:
             with torch.no_grad():
-                ref_logp, _ = self.sequence_logprobs(f_pids, f_ids, f_mask, reference=True)  # [K*G, T']
+                ref_logp, _ = chunked_logprobs(self._reference_logprobs, f_pids, f_ids, f_mask,
+                                               h.micro_batch_size)  # [K*G, T']
         replayed = self.replay_inputs(replay) if replay else None
         opt = self.optimizers()
         old_logp = None
@@ -295,24 +321,28 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             active = self.all_gather(active).sum() / self.trainer.world_size
         weight = float(opts.get("weight", 1.0))
         for _ in range(h.num_iterations):
-            if f_pids:
-                logp, m = self.sequence_logprobs(f_pids, f_ids, f_mask)  # [K*G, T']
-            else:  # every fresh group was replaced: only the replayed sequences are trained on
-                logp = m = torch.zeros(0, 1, device=self.device)  # [0, 1]
-            if old_logp is None:
-                old_logp = logp.detach()
-            extra = []
-            r_stats: dict[str, torch.Tensor] = {}
-            if replayed is not None:
-                r_tok, r_mask, r_stats = self.replay_loss(replayed, opts)  # [R*G, T''] x2
-                extra.append((r_tok, r_mask, weight))
-            loss, stats = grpo_loss(logp, old_logp, f_adv, m, ref_logp=ref_logp, beta=h.beta,
-                                    eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip,
-                                    loss_type=h.loss_type, max_completion_length=h.max_new_tokens,
-                                    num_active_tokens=float(active), extra=extra)
-            stats.update(r_stats)
             opt.zero_grad()
-            self.manual_backward(loss)  # also with a non-finite loss: under DDP every rank must all-reduce
+            if h.micro_batch_size is not None:  # gradient accumulation over micro-batches, same loss
+                loss, stats, old_logp = self._accumulate(f_pids, f_ids, f_mask, f_adv, old_logp, ref_logp, replayed,
+                                                         opts, float(active))
+            else:
+                if f_pids:
+                    logp, m = self.sequence_logprobs(f_pids, f_ids, f_mask)  # [K*G, T']
+                else:  # every fresh group was replaced: only the replayed sequences are trained on
+                    logp = m = torch.zeros(0, 1, device=self.device)  # [0, 1]
+                if old_logp is None:
+                    old_logp = logp.detach()
+                extra = []
+                r_stats: dict[str, torch.Tensor] = {}
+                if replayed is not None:
+                    r_tok, r_mask, r_stats = self.replay_loss(replayed, opts)  # [R*G, T''] x2
+                    extra.append((r_tok, r_mask, weight))
+                loss, stats = grpo_loss(logp, old_logp, f_adv, m, ref_logp=ref_logp, beta=h.beta,
+                                        eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip,
+                                        loss_type=h.loss_type, max_completion_length=h.max_new_tokens,
+                                        num_active_tokens=float(active), extra=extra)
+                stats.update(r_stats)
+                self.manual_backward(loss)  # also with a non-finite loss: under DDP every rank must all-reduce
             finite = all_finite([loss.detach()]) and grads_finite(self.model.parameters())
             finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
             self.nonfinite.update(finite)
@@ -370,8 +400,9 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             inputs["ref_logprobs"] = None
         elif inputs["ref_logprobs"] is None:  # some group was stored without them: one reference pass here
             with torch.no_grad():
-                inputs["ref_logprobs"], _ = self.sequence_logprobs(
-                    inputs["prompt_ids"], inputs["completion_ids"], inputs["completion_mask"], reference=True)
+                inputs["ref_logprobs"], _ = chunked_logprobs(
+                    self._reference_logprobs, inputs["prompt_ids"], inputs["completion_ids"],
+                    inputs["completion_mask"], self.hparams.micro_batch_size)
         return inputs
 
     def replay_loss(self, inputs: dict[str, Any],
@@ -390,21 +421,67 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             ``(per_token [R*G, T'], mask [R*G, T'], stats)``: ℓ^off + β·KL3 per token; stats ``replay/*``
             (IS weight mean / max, truncated fraction, ESS, KL).
         """
-        h = self.hparams
         logp, m = self.sequence_logprobs(inputs["prompt_ids"], inputs["completion_ids"],
                                          inputs["completion_mask"])  # [R*G, T']
-        beh = inputs["behaviour_logprobs"][:, : logp.size(1)]  # [R*G, T']
-        per_tok, stats = off_policy_loss(logp, beh, inputs["advantages"], m,
+        return self.replay_token_loss(logp, m, inputs, slice(None), opts)
+
+    def replay_token_loss(self, logp: torch.Tensor, m: torch.Tensor, inputs: dict[str, Any], rows: slice,
+                          opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`replay_loss` given the policy log-probs ``logp [n, T']`` of the replayed rows ``rows``."""
+        h = self.hparams
+        beh = inputs["behaviour_logprobs"][rows, : logp.size(1)]  # [n, T']
+        per_tok, stats = off_policy_loss(logp, beh, inputs["advantages"][rows], m,
                                          correction=opts.get("correction", "truncated"),
                                          level=opts.get("level", "token"), cap=opts.get("cap", 2.0),
                                          eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip)
         if inputs["ref_logprobs"] is not None:
-            ref = inputs["ref_logprobs"][:, : logp.size(1)]  # [R*G, T']
-            kl = k3_kl(logp, torch.where(m > 0, ref, logp).detach())  # [R*G, T']
-            per_tok = per_tok + h.beta * kl  # [R*G, T']
+            ref = inputs["ref_logprobs"][rows, : logp.size(1)]  # [n, T']
+            kl = k3_kl(logp, torch.where(m > 0, ref, logp).detach())  # [n, T']
+            per_tok = per_tok + h.beta * kl  # [n, T']
             with torch.no_grad():
                 stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
         return per_tok, m, {f"replay/{k}": v for k, v in stats.items()}
+
+    def _reference_logprobs(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sequence_logprobs(*args, reference=True)
+
+    def _accumulate(self, f_pids: list[torch.Tensor], f_ids: torch.Tensor, f_mask: torch.Tensor, f_adv: torch.Tensor,
+                    old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, replayed: dict[str, Any] | None,
+                    opts: dict[str, Any], active: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One iteration's forward / backward in micro-batches (:func:`rerule_lightning.micro_batch.accumulate`).
+
+        Returns:
+            ``(loss, stats, old_logp [K*G, T'])``: loss and stats equal the single pass's (stats are recomputed
+            without gradient on the whole batch's detached log-probs).
+        """
+        h = self.hparams
+        kw = dict(beta=h.beta, eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip)
+
+        def fresh(logp: torch.Tensor, m: torch.Tensor, rows: slice) -> torch.Tensor:
+            t = logp.size(1)
+            old = logp.detach() if old_logp is None else old_logp[rows, :t]  # [n, t]: first pass of the step = π_old
+            ref = None if ref_logp is None else ref_logp[rows, :t]
+            return grpo_token_loss(logp, old, f_adv[rows], m, ref_logp=ref, **kw)[0]  # [n, t]
+
+        parts = [LossPart(f_pids, f_ids, f_mask, fresh)] if f_pids else []
+        if replayed is not None:
+            parts.append(LossPart(replayed["prompt_ids"], replayed["completion_ids"], replayed["completion_mask"],
+                                  lambda lp, m, rows: self.replay_token_loss(lp, m, replayed, rows, opts)[0],
+                                  float(opts.get("weight", 1.0))))
+        loss, logps = accumulate(parts, self.sequence_logprobs, self.manual_backward, h.loss_type,
+                                 h.micro_batch_size, h.max_new_tokens, active)
+        with torch.no_grad():
+            if f_pids:
+                logp, m = logps[0], f_mask[:, : logps[0].size(1)]  # [K*G, T']
+                old_logp = logp if old_logp is None else old_logp
+            else:
+                logp = m = old_logp = torch.zeros(0, 1, device=self.device)  # [0, 1]
+            _, stats = grpo_token_loss(logp, old_logp, f_adv, m, ref_logp=ref_logp, **kw)
+            if replayed is not None:
+                r_logp = logps[-1]
+                r_mask = replayed["completion_mask"][:, : r_logp.size(1)]
+                stats.update(self.replay_token_loss(r_logp, r_mask, replayed, slice(None), opts)[2])
+        return loss, stats, old_logp
 
     def _groups(self, batch: dict[str, Any], prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
                 mask: torch.Tensor, logp: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
