@@ -61,7 +61,7 @@ import lightning as L
 import torch
 
 from rerule_lightning import logprobs
-from rerule_lightning.checkpointing import check_state_dict_matches
+from rerule_lightning.checkpointing import TrainableStateMixin, check_state_dict_matches, frozen_state_keys
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
 from rerule_lightning.generation import (
@@ -90,7 +90,7 @@ from rerule_lightning.policy import (
     plain_hparams,
     reference_context,
 )
-from rerule_lightning.rewards import get_reward_fn
+from rerule_lightning.rewards import build_reward
 from rerule_lightning.rollout import (
     RolloutGroup,
     completion_mask_from_ids,
@@ -102,8 +102,11 @@ from rerule_lightning.rollout import (
 )
 
 
-class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
+class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModule):
     """GRPO on forget and boundary prompts with verifiable RULE rewards (manual optimization).
+
+    Checkpoints hold the trainable weights only (:class:`~rerule_lightning.checkpointing.TrainableStateMixin`):
+    never the frozen reference (full fine-tuning) nor the frozen base (under (Q)LoRA).
 
     Args:
         policy: The model to unlearn (the rejection-steered checkpoint) and how to train it.
@@ -135,7 +138,12 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             groups under the ``clipped`` correction.
         loss_type: Normaliser: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
         scale_rewards: Advantage scaling: ``group``, ``batch`` or ``none``.
-        reward: Reward function name in :data:`rerule_lightning.rewards.REWARD_FUNCTIONS`.
+        reward: A reward in :data:`rerule_lightning.rewards.REWARD_FUNCTIONS`, an import path
+            ``package.module:function`` of a function ``(prompts, completions, **columns) -> list[float | None]``
+            (columns: ``labels``, ``references``, ``values``, ``targets``, ``target_aware``,
+            ``recall_threshold``), or a list of them, summed with ``reward_weights``. ``None`` means "not
+            applicable": left out of the group's mean and std, advantage 0.
+        reward_weights: One weight per entry of ``reward`` (default: 1 each).
         target_aware: Forget reward variant: 0.5 for refusing + 0.5 for naming the target.
         recall_threshold: Boundary reward: ROUGE-L recall needed for the second 0.5.
         eval_max_new_tokens: Greedy tokens per answer in validation / test.
@@ -157,7 +165,8 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                  num_iterations: int = 1, micro_batch_size: int | None = None, beta: float = 0.01, epsilon_low: float = 0.2, epsilon_high: float = 0.3,
                  dual_clip: float | None = 3.0,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
-                 scale_rewards: Literal["group", "batch", "none"] = "group", reward: str = "rule",
+                 scale_rewards: Literal["group", "batch", "none"] = "group", reward: str | list[str] = "rule",
+                 reward_weights: list[float] | None = None,
                  target_aware: bool = False, recall_threshold: float = 0.3, eval_max_new_tokens: int = 32,
                  seed: int = 0, export_dir: str | None = None, eval_reference: str | None = None,
                  eval_report_path: str | None = None, max_consecutive_nonfinite: int = 3) -> None:
@@ -189,7 +198,7 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         if errors:
             raise ValueError("GRPOUnlearningModule: " + "; ".join(errors))
         try:
-            self.reward_fn = get_reward_fn(reward)  # fails early on an unknown name
+            self.reward_fn = build_reward(reward, reward_weights)  # fails early on an unknown name or path
         except ValueError as e:
             raise ValueError(f"GRPOUnlearningModule: reward={reward!r}: {e}") from None
         self.save_hyperparameters(ignore=["policy"])
@@ -287,8 +296,12 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                              values=rep(batch["value"]), targets=rep(batch["target"]), target_aware=h.target_aware,
                              recall_threshold=h.recall_threshold)
         rewards = torch.tensor([0.0 if r is None else float(r) for r in raw], device=self.device).view(b, g)  # [B, G]
-        rewards_all = self.all_gather(rewards).reshape(-1, g) if self.trainer.world_size > 1 else rewards
-        advantages = group_advantages(rewards_all, h.scale_rewards)  # [B_all, G]
+        applicable = torch.tensor([r is not None for r in raw], device=self.device).view(b, g)  # [B, G]
+        rewards_all, applicable_all = rewards, applicable
+        if self.trainer.world_size > 1:
+            rewards_all = self.all_gather(rewards).reshape(-1, g)  # [B_all, G]
+            applicable_all = self.all_gather(applicable).reshape(-1, g)  # [B_all, G]
+        advantages = group_advantages(rewards_all, h.scale_rewards, applicable=applicable_all)  # [B_all, G]
         if self.trainer.world_size > 1:
             advantages = advantages.view(self.trainer.world_size, b, g)[self.global_rank]  # [B, G]
         adv = advantages.reshape(-1)  # [B*G]
@@ -361,6 +374,8 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                                                  advantages, texts, step=sampled_at, ref_logp=ref_logp, kept=kept)
         if supplied:
             stats["sequences_trained"] = torch.tensor(float((len(kept) + len(replay)) * g))
+        if not bool(applicable.all()):
+            stats["reward_applicable_frac"] = applicable.float().mean()
         self._log_step(loss, stats, rewards, mask, batch, b)
         return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
 
@@ -381,7 +396,10 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is not None:  # refuse another model's checkpoint before load_state_dict trips on it
-            check_state_dict_matches(checkpoint.get("state_dict", {}), self.state_dict(),
+            saved = checkpoint.get("state_dict", {})
+            for k in frozen_state_keys(self, list(saved)):  # an older checkpoint with frozen weights: not needed
+                del saved[k]
+            check_state_dict_matches(saved, self.state_dict(),
                                      getattr(self._trainer, "ckpt_path", None))
         if "nonfinite" in checkpoint:
             self.nonfinite.load_state_dict(checkpoint["nonfinite"])
