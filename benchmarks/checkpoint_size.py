@@ -34,7 +34,8 @@ def one_fit(peft: str, target: str, world: str, tmp: Path) -> dict:
             "--model.init_args.num_generations", "2", "--model.init_args.max_new_tokens", "4",
             "--model.init_args.export_dir", "null", "--trainer.max_steps", "1", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp / f"{peft}_root")]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    # cwd outside the checkout: ``python -m`` puts the cwd first on sys.path, which would shadow PYTHONPATH
+    subprocess.run(cmd, check=True, cwd=tmp, capture_output=True, text=True)
     path = next((tmp / peft).glob("*.ckpt"))
     import torch
 

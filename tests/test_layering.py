@@ -31,6 +31,7 @@ LAYERS: dict[str, str] = {
     "sft": MODULES, "grpo_module": MODULES, "eval_report": MODULES, "eval_module": MODULES,
     "tracking": COMMANDS, "validation": COMMANDS, "lightning_cli": COMMANDS, "report_rows": COMMANDS,
     "plots": COMMANDS, "report": COMMANDS, "paired": COMMANDS, "prepare": COMMANDS, "pipeline": COMMANDS, "cli": COMMANDS,
+    "__main__": COMMANDS,
 }
 #: Core modules that may import datamodules / callbacks (they assemble a whole job).
 ASSEMBLERS = {"cli", "prepare", "pipeline"}
