@@ -117,6 +117,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         temperature: Sampling temperature (log-probs use the same temperature).
         top_p: Nucleus sampling threshold (behaviour log-probs are those of the untruncated tempered softmax, so
             keep 1.0, RULE's setting, for exact ratios).
+        generation_batch_size: Sequences per rollout ``generate`` call (whole prompts: ``// num_generations``
+            prompts each, at least one); ``None`` samples the whole batch at once. Bounds the KV cache.
         stop_token_ids: Further token ids that end a completion besides the tokenizer's EOS (e.g. Llama-3's
             ``<|eot_id|>``).
         generation_kwargs: Extra rollout ``GenerationConfig`` fields that leave the sampling distribution
@@ -160,7 +162,7 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
                  num_generations: int = 8, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
-                 stop_token_ids: list[int] | None = None, generation_kwargs: dict[str, Any] | None = None,
+                 generation_batch_size: int | None = None, stop_token_ids: list[int] | None = None, generation_kwargs: dict[str, Any] | None = None,
                  learning_rate: float = 2e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
                  num_iterations: int = 1, micro_batch_size: int | None = None, beta: float = 0.01, epsilon_low: float = 0.2, epsilon_high: float = 0.3,
                  dual_clip: float | None = 3.0,
@@ -182,6 +184,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
             errors.append(f"num_generations={num_generations}: GRPO needs at least 2 completions per prompt")
         if num_iterations < 1:
             errors.append(f"num_iterations={num_iterations}: must be >= 1")
+        if generation_batch_size is not None and generation_batch_size < 1:
+            errors.append(f"generation_batch_size={generation_batch_size}: must be >= 1 (or null for one call)")
         if micro_batch_size is not None and micro_batch_size < 1:
             errors.append(f"micro_batch_size={micro_batch_size}: must be >= 1 (or null for one pass)")
         if temperature <= 0:
@@ -232,24 +236,28 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         The distribution is the module's alone (a fresh ``GenerationConfig``; the model's own is ignored)."""
         h, tok = self.hparams, self.tokenizer
         torch.manual_seed(h.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
-        enc = encode_prompts(tok, prompts, self.device)
         eos = list(dict.fromkeys([tok.eos_token_id, *(h.stop_token_ids or [])]))
         config = rollout_generation_config(h.temperature, h.top_p, h.max_new_tokens, h.num_generations, eos,
                                            pad_token_id=eos[0], generation_kwargs=h.generation_kwargs)
+        per_call = len(prompts) if h.generation_batch_size is None else max(h.generation_batch_size // h.num_generations, 1)
         was_training = self.model.training
         self.model.eval()
-        with torch.inference_mode():
-            out = sample_rollouts(self.model, enc, config, tok)  # [B*G, P+T], finished rows padded with eos[0]
+        chunks, prompt_ids = [], []
+        for i in range(0, len(prompts), per_call):
+            enc = encode_prompts(tok, prompts[i: i + per_call], self.device)
+            with torch.inference_mode():
+                out = sample_rollouts(self.model, enc, config, tok)  # [b*G, P+T], finished rows padded with eos[0]
+            chunks.append(out[:, enc["input_ids"].size(1):].clone())  # [b*G, T] (clone leaves inference mode)
+            prompt_ids += [row[m.bool()].clone() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
         self.model.train(was_training)
-        completion_ids = out[:, enc["input_ids"].size(1):].clone()  # [B*G, T] (clone leaves inference mode)
-        if completion_ids.size(1) == 0:
-            completion_ids = torch.full((out.size(0), 1), tok.eos_token_id, device=out.device)
+        width = max(max(c.size(1) for c in chunks), 1)
+        completion_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.size(1)), value=eos[0])
+                                    for c in chunks])  # [B*G, T]
         mask = completion_mask_from_ids(completion_ids, eos)  # [B*G, T]
         if (h.generation_kwargs or {}).get("stop_strings"):
             mask = end_at_stop_strings(completion_ids, mask, tok, h.generation_kwargs["stop_strings"], eos)
         completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
         texts = [t.strip() for t in tok.batch_decode(completion_ids, skip_special_tokens=True)]
-        prompt_ids = [row[m.bool()].clone() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
         return prompt_ids, completion_ids, mask, texts
 
     def sequence_logprobs(self, prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
@@ -266,18 +274,20 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         """
 
         model = self.ref_model if reference and self.ref_model is not None else self.model
-        ctx = reference_context(model) if reference and self.ref_model is None else contextlib.nullcontext()
+        ctx = (lambda: reference_context(model)) if reference and self.ref_model is None else contextlib.nullcontext
         pad, temp = self.tokenizer.pad_token_id, self.hparams.temperature
         if (reference and not torch.is_grad_enabled() and len(logprobs.prompt_runs(prompt_ids)[0]) < len(prompt_ids)
                 and logprobs.supports_prefix_cache(model)):
-            with ctx:
-                return logprobs.shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad, temp)
+            with ctx():
+                shared = logprobs.shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad, temp)
+            if shared is not None:
+                return shared
         input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, pad)
         t = input_ids.size(1) - p
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn}
         if logprobs.accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = t + 1  # lm_head only on the positions that predict completion tokens
-        with ctx:
+        with ctx():
             logits = model(**kwargs).logits  # [N, T'+1, V] (or [N, P+T', V] without logits_to_keep)
         logits = logits[:, -(t + 1): -1]  # [N, T', V], a view: the temperature is applied per chunk below
         logp = token_logprobs(logits, input_ids[:, p:], temperature=temp)  # [N, T']

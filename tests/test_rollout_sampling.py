@@ -61,18 +61,23 @@ class Scores(L.Callback):
         self.outputs.append(outputs)
 
 
-def test_behaviour_logprobs_are_the_sampling_distribution(penalised_model: str, tiny_prepared: dict) -> None:
+@pytest.mark.parametrize("generation_batch_size", [None, 8])
+def test_behaviour_logprobs_are_the_sampling_distribution(penalised_model: str, tiny_prepared: dict,
+                                                          generation_batch_size: int | None) -> None:
     L.seed_everything(0, verbose=False)
     module = GRPOUnlearningModule(policy=PolicyConfig(name_or_path=penalised_model), num_generations=4,
-                                  max_new_tokens=8, temperature=TEMPERATURE, beta=0.0, seed=0)
+                                  max_new_tokens=8, temperature=TEMPERATURE, beta=0.0, seed=0,
+                                  generation_batch_size=generation_batch_size)
     data = ForgetRetainDataModule(world_dir=tiny_prepared["links"]["world"], batch_size=4, seed=0)
     spy = Scores()
     L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
               callbacks=[spy]).fit(module, datamodule=data)
     assert module.model.generation_config.repetition_penalty == 5.0  # the model's own config is restored after
-    assert spy.seen_configs[0].repetition_penalty is None  # ... and hidden during the rollout
-    scores = spy.scores[0]  # [16, T, V]
+    assert spy.seen_configs[0].repetition_penalty in (None, 1.0)  # ... and hidden during the rollout (defaults)
+    assert [s.size(0) for s in spy.scores] == ([16] if generation_batch_size is None else [8, 8])
+    width = max(s.size(1) for s in spy.scores)
+    scores = torch.cat([torch.nn.functional.pad(s, (0, 0, 0, width - s.size(1))) for s in spy.scores])  # [16, T, V]
     sampled = torch.log_softmax(scores, -1)
     groups = spy.outputs[0]["groups"]
     beh = torch.cat([g.behaviour_logprobs for g in groups])  # [16, T']
