@@ -148,3 +148,56 @@ def end_at_stop_strings(completion_ids: torch.Tensor, mask: torch.Tensor, tokeni
         if any(s in tokenizer.decode(completion_ids[i, :k], skip_special_tokens=False) for s in stops):
             mask[i, k] = 0.0
     return mask
+
+
+def sample_completions(model: Any, tokenizer: Any, prompts: list[str], *, num_generations: int, temperature: float,
+                       top_p: float, max_new_tokens: int, stop_token_ids: list[int] | None = None,
+                       generation_kwargs: dict[str, Any] | None = None, generation_batch_size: int | None = None,
+                       device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor,
+                                                                   list[str]]:
+    """G sampled completions per prompt under :func:`rollout_generation_config` alone (GRPO's rollout).
+
+    Args:
+        model: The policy (put in eval mode for the call, its mode restored after).
+        tokenizer: Its tokenizer (left padding).
+        prompts: B prompt strings.
+        num_generations: G.
+        temperature: Sampling temperature.
+        top_p: Nucleus threshold.
+        max_new_tokens: Longest completion.
+        stop_token_ids: Stop ids besides the tokenizer's EOS.
+        generation_kwargs: Distribution-neutral extras (:data:`ROLLOUT_GENERATION_KWARGS`).
+        generation_batch_size: Sequences per ``generate`` call (whole prompts, at least one); ``None``: all.
+        device: Where the prompts go.
+
+    Returns:
+        ``(prompt_ids, completion_ids [B*G, T], mask [B*G, T], texts)``: B prompt id tensors ``[P_i]`` (no
+        padding), completions padded with the pad id after their first stop id (which the mask includes, unless a
+        stop string ended the row), and the decoded completions.
+    """
+    from rerule_lightning.rollout import completion_mask_from_ids
+
+    eos = list(dict.fromkeys([tokenizer.eos_token_id, *(stop_token_ids or [])]))
+    config = rollout_generation_config(temperature, top_p, max_new_tokens, num_generations, eos,
+                                       pad_token_id=eos[0], generation_kwargs=generation_kwargs)
+    per_call = len(prompts) if generation_batch_size is None else max(generation_batch_size // num_generations, 1)
+    was_training = model.training
+    model.eval()
+    chunks, prompt_ids = [], []
+    for i in range(0, len(prompts), per_call):
+        enc = encode_prompts(tokenizer, prompts[i: i + per_call], device)
+        with torch.inference_mode():
+            out = sample_rollouts(model, enc, config, tokenizer)  # [b*G, P+T], finished rows padded with eos[0]
+        chunks.append(out[:, enc["input_ids"].size(1):].clone())  # [b*G, T] (clone leaves inference mode)
+        prompt_ids += [row[m.bool()].clone() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+    model.train(was_training)
+    width = max(max(c.size(1) for c in chunks), 1)
+    completion_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.size(1)), value=eos[0])
+                                for c in chunks])  # [B*G, T]
+    mask = completion_mask_from_ids(completion_ids, eos)  # [B*G, T]
+    stops = (generation_kwargs or {}).get("stop_strings")
+    if stops:
+        mask = end_at_stop_strings(completion_ids, mask, tokenizer, stops, eos)  # [B*G, T]
+    completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)  # [B*G, T]
+    texts = [t.strip() for t in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+    return prompt_ids, completion_ids, mask, texts

@@ -64,24 +64,16 @@ from rerule_lightning import logprobs
 from rerule_lightning.checkpointing import TrainableStateMixin, check_state_dict_matches, frozen_state_keys
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
-from rerule_lightning.generation import (
-    check_generation_kwargs,
-    encode_prompts,
-    end_at_stop_strings,
-    rollout_generation_config,
-    sample_rollouts,
-)
+from rerule_lightning.generation import check_generation_kwargs, sample_completions
 from rerule_lightning.grpo import (
     group_advantages,
     grpo_loss,
-    grpo_token_loss,
-    k3_kl,
     kind_signal,
-    off_policy_loss,
 )
+from rerule_lightning.grpo_step import ClipSettings, micro_batched_iteration, replay_token_loss
 from rerule_lightning.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
 from rerule_lightning.logprobs import token_logprobs
-from rerule_lightning.micro_batch import LossPart, accumulate, chunked_logprobs
+from rerule_lightning.micro_batch import chunked_logprobs
 from rerule_lightning.policy import (
     PolicyConfig,
     build_policy,
@@ -93,7 +85,6 @@ from rerule_lightning.policy import (
 from rerule_lightning.rewards import build_reward
 from rerule_lightning.rollout import (
     RolloutGroup,
-    completion_mask_from_ids,
     keep_groups,
     pack_sequences,
     replay_slots,
@@ -236,29 +227,10 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         The distribution is the module's alone (a fresh ``GenerationConfig``; the model's own is ignored)."""
         h, tok = self.hparams, self.tokenizer
         torch.manual_seed(h.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
-        eos = list(dict.fromkeys([tok.eos_token_id, *(h.stop_token_ids or [])]))
-        config = rollout_generation_config(h.temperature, h.top_p, h.max_new_tokens, h.num_generations, eos,
-                                           pad_token_id=eos[0], generation_kwargs=h.generation_kwargs)
-        per_call = len(prompts) if h.generation_batch_size is None else max(h.generation_batch_size // h.num_generations, 1)
-        was_training = self.model.training
-        self.model.eval()
-        chunks, prompt_ids = [], []
-        for i in range(0, len(prompts), per_call):
-            enc = encode_prompts(tok, prompts[i: i + per_call], self.device)
-            with torch.inference_mode():
-                out = sample_rollouts(self.model, enc, config, tok)  # [b*G, P+T], finished rows padded with eos[0]
-            chunks.append(out[:, enc["input_ids"].size(1):].clone())  # [b*G, T] (clone leaves inference mode)
-            prompt_ids += [row[m.bool()].clone() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
-        self.model.train(was_training)
-        width = max(max(c.size(1) for c in chunks), 1)
-        completion_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.size(1)), value=eos[0])
-                                    for c in chunks])  # [B*G, T]
-        mask = completion_mask_from_ids(completion_ids, eos)  # [B*G, T]
-        if (h.generation_kwargs or {}).get("stop_strings"):
-            mask = end_at_stop_strings(completion_ids, mask, tok, h.generation_kwargs["stop_strings"], eos)
-        completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
-        texts = [t.strip() for t in tok.batch_decode(completion_ids, skip_special_tokens=True)]
-        return prompt_ids, completion_ids, mask, texts
+        return sample_completions(self.model, tok, prompts, num_generations=h.num_generations,
+                                  temperature=h.temperature, top_p=h.top_p, max_new_tokens=h.max_new_tokens,
+                                  stop_token_ids=h.stop_token_ids, generation_kwargs=h.generation_kwargs,
+                                  generation_batch_size=h.generation_batch_size, device=self.device)
 
     def sequence_logprobs(self, prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
                           completion_mask: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,8 +318,10 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         for _ in range(h.num_iterations):
             opt.zero_grad()
             if h.micro_batch_size is not None:  # gradient accumulation over micro-batches, same loss
-                loss, stats, old_logp = self._accumulate(f_pids, f_ids, f_mask, f_adv, old_logp, ref_logp, replayed,
-                                                         opts, float(active))
+                loss, stats, old_logp = micro_batched_iteration(
+                    (f_pids, f_ids, f_mask, f_adv), old_logp, ref_logp, replayed, opts, self._clip(),
+                    self.sequence_logprobs, self.manual_backward, h.loss_type, h.micro_batch_size, h.max_new_tokens,
+                    float(active))
             else:
                 if f_pids:
                     logp, m = self.sequence_logprobs(f_pids, f_ids, f_mask)  # [K*G, T']
@@ -451,65 +425,15 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         """
         logp, m = self.sequence_logprobs(inputs["prompt_ids"], inputs["completion_ids"],
                                          inputs["completion_mask"])  # [R*G, T']
-        return self.replay_token_loss(logp, m, inputs, slice(None), opts)
+        per_tok, stats = replay_token_loss(logp, m, inputs, slice(None), opts, self._clip())
+        return per_tok, m, stats
 
-    def replay_token_loss(self, logp: torch.Tensor, m: torch.Tensor, inputs: dict[str, Any], rows: slice,
-                          opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`replay_loss` given the policy log-probs ``logp [n, T']`` of the replayed rows ``rows``."""
+    def _clip(self) -> ClipSettings:
         h = self.hparams
-        beh = inputs["behaviour_logprobs"][rows, : logp.size(1)]  # [n, T']
-        per_tok, stats = off_policy_loss(logp, beh, inputs["advantages"][rows], m,
-                                         correction=opts.get("correction", "truncated"),
-                                         level=opts.get("level", "token"), cap=opts.get("cap", 2.0),
-                                         eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip)
-        if inputs["ref_logprobs"] is not None:
-            ref = inputs["ref_logprobs"][rows, : logp.size(1)]  # [n, T']
-            kl = k3_kl(logp, torch.where(m > 0, ref, logp).detach())  # [n, T']
-            per_tok = per_tok + h.beta * kl  # [n, T']
-            with torch.no_grad():
-                stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
-        return per_tok, m, {f"replay/{k}": v for k, v in stats.items()}
+        return ClipSettings(h.beta, h.epsilon_low, h.epsilon_high, h.dual_clip)
 
     def _reference_logprobs(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sequence_logprobs(*args, reference=True)
-
-    def _accumulate(self, f_pids: list[torch.Tensor], f_ids: torch.Tensor, f_mask: torch.Tensor, f_adv: torch.Tensor,
-                    old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, replayed: dict[str, Any] | None,
-                    opts: dict[str, Any], active: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """One iteration's forward / backward in micro-batches (:func:`rerule_lightning.micro_batch.accumulate`).
-
-        Returns:
-            ``(loss, stats, old_logp [K*G, T'])``: loss and stats equal the single pass's (stats are recomputed
-            without gradient on the whole batch's detached log-probs).
-        """
-        h = self.hparams
-        kw = dict(beta=h.beta, eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip)
-
-        def fresh(logp: torch.Tensor, m: torch.Tensor, rows: slice) -> torch.Tensor:
-            t = logp.size(1)
-            old = logp.detach() if old_logp is None else old_logp[rows, :t]  # [n, t]: first pass of the step = π_old
-            ref = None if ref_logp is None else ref_logp[rows, :t]
-            return grpo_token_loss(logp, old, f_adv[rows], m, ref_logp=ref, **kw)[0]  # [n, t]
-
-        parts = [LossPart(f_pids, f_ids, f_mask, fresh)] if f_pids else []
-        if replayed is not None:
-            parts.append(LossPart(replayed["prompt_ids"], replayed["completion_ids"], replayed["completion_mask"],
-                                  lambda lp, m, rows: self.replay_token_loss(lp, m, replayed, rows, opts)[0],
-                                  float(opts.get("weight", 1.0))))
-        loss, logps = accumulate(parts, self.sequence_logprobs, self.manual_backward, h.loss_type,
-                                 h.micro_batch_size, h.max_new_tokens, active)
-        with torch.no_grad():
-            if f_pids:
-                logp, m = logps[0], f_mask[:, : logps[0].size(1)]  # [K*G, T']
-                old_logp = logp if old_logp is None else old_logp
-            else:
-                logp = m = old_logp = torch.zeros(0, 1, device=self.device)  # [0, 1]
-            _, stats = grpo_token_loss(logp, old_logp, f_adv, m, ref_logp=ref_logp, **kw)
-            if replayed is not None:
-                r_logp = logps[-1]
-                r_mask = replayed["completion_mask"][:, : r_logp.size(1)]
-                stats.update(self.replay_token_loss(r_logp, r_mask, replayed, slice(None), opts)[2])
-        return loss, stats, old_logp
 
     def _groups(self, batch: dict[str, Any], prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
                 mask: torch.Tensor, logp: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,

@@ -26,7 +26,7 @@ LAYERS: dict[str, str] = {
     "policy": PRIMITIVES, "generation": PRIMITIVES, "logprobs": PRIMITIVES, "answers": PRIMITIVES,
     "rouge": PRIMITIVES, "prompting": PRIMITIVES, "rollout": PRIMITIVES, "guards": PRIMITIVES,
     "checkpointing": PRIMITIVES, "jsonio": PRIMITIVES,
-    "grpo": ALGORITHMS, "micro_batch": ALGORITHMS, "rewards": ALGORITHMS,
+    "grpo": ALGORITHMS, "micro_batch": ALGORITHMS, "grpo_step": ALGORITHMS, "rewards": ALGORITHMS,
     "metrics": EVALUATION, "eval_suite": EVALUATION, "evaluator": EVALUATION,
     "sft": MODULES, "grpo_module": MODULES, "eval_report": MODULES, "eval_module": MODULES,
     "tracking": COMMANDS, "validation": COMMANDS, "lightning_cli": COMMANDS, "report_rows": COMMANDS,
