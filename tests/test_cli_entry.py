@@ -26,10 +26,8 @@ def test_python_dash_m_is_the_rerule_command() -> None:
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()
     assert line.startswith(f"rerule-lightning {__version__} (torch ") and "transformers " in line, line
-    usage = run_module()
-    assert usage.returncode == 2 and usage.stdout.startswith("usage: rerule")
     bad = run_module("nope")
-    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr and "usage: rerule" in bad.stderr
 
 
 def test_version_matches_the_distribution() -> None:
