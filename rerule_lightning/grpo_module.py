@@ -28,6 +28,11 @@ sequences, and a step forwards and back-propagates at most B·G sequences. Unrep
 (KL only). Left-out groups reach the callback with ``behaviour_logprobs = None``: they cannot be replayed.
 ``outputs["replay_used"]`` lists the indices of the supplied groups the step trained on.
 
+Micro-batching (``micro_batch_size``): the fresh and the replayed sequences are forwarded and back-propagated
+``micro_batch_size`` rows at a time (reference passes too), each micro-batch's loss divided by the whole step's
+normaliser, so the accumulated gradient is the single pass's (:mod:`rerule_lightning.micro_batch`); statistics are
+recomputed on the whole batch. Under DDP every micro-batch's backward all-reduces (correct; no ``no_sync`` yet).
+
 μ > 1 (``num_iterations``): Lightning counts every optimizer step in ``trainer.global_step``, so ``max_steps``
 optimizer steps are ``max_steps // μ`` rollout batches and ``global_step // μ`` is the rollout batch index (the
 datamodule and replay callbacks count in it). The μ iterations reuse the batch's rollouts and replayed groups.
