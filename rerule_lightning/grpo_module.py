@@ -363,8 +363,9 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
                                                  advantages, texts, step=sampled_at, ref_logp=ref_logp, kept=kept)
         if supplied:
             stats["sequences_trained"] = torch.tensor(float((len(kept) + len(replay)) * g))
-        if not bool(applicable.all()):
+        if not bool(applicable.all()):  # the mean reward over the rewards that apply (not counting n/a as 0)
             stats["reward_applicable_frac"] = applicable.float().mean()
+            stats["reward_applicable_mean"] = rewards[applicable].mean() if applicable.any() else rewards.new_zeros(())
         self._log_step(loss, stats, rewards, mask, batch, b)
         return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
 

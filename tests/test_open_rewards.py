@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "configs" / "embedded" / "rule.yaml"
 CALLS: list[dict[str, Any]] = []
 OUTPUTS: list[dict[str, Any]] = []
+RETURNED: list[list[float | None]] = []
+METRICS: list[dict[str, float]] = []
 
 
 def brevity(completion: str, label: str) -> float | None:
@@ -34,7 +36,8 @@ def boundary_brevity(prompts: list[str], completions: list[str], *, labels: list
                      ) -> list[float | None]:
     """A user reward with the TRL contract (:func:`brevity` per item)."""
     CALLS.append({"n": len(completions), "labels": list(labels), "columns": sorted(columns)})
-    return [brevity(c, lab) for c, lab in zip(completions, labels)]
+    RETURNED.append([brevity(c, lab) for c, lab in zip(completions, labels)])
+    return RETURNED[-1]
 
 
 class Record(L.Callback):
@@ -42,6 +45,7 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
         OUTPUTS.append(outputs)
+        METRICS.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def test_masked_advantages_by_hand() -> None:
@@ -92,8 +96,8 @@ def test_bad_reward_path_in_yaml_is_one_line_error(tmp_path: Path, capsys: pytes
 
 
 def test_user_reward_from_yaml_with_not_applicable_items(tiny_prepared: dict, tmp_path: Path) -> None:
-    CALLS.clear()
-    OUTPUTS.clear()
+    for record in (CALLS, OUTPUTS, RETURNED, METRICS):
+        record.clear()
     links = tiny_prepared["links"]
     overlay = tmp_path / "user_reward.yaml"
     overlay.write_text("model:\n  init_args:\n    reward: test_open_rewards:boundary_brevity\n"
@@ -106,6 +110,11 @@ def test_user_reward_from_yaml_with_not_applicable_items(tiny_prepared: dict, tm
                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                     "--trainer.default_root_dir", str(tmp_path / "run")])
     assert len(CALLS) == 1 and CALLS[0]["n"] == 16
+    applies = [v is not None for v in RETURNED[0]]
+    metrics = METRICS[0]
+    assert metrics["train/reward_applicable_frac"] == pytest.approx(sum(applies) / 16)
+    assert metrics["train/reward_applicable_mean"] == pytest.approx(
+        sum(v for v in RETURNED[0] if v is not None) / sum(applies), rel=1e-6)
     assert {"references", "values", "targets", "target_aware", "recall_threshold"} <= set(CALLS[0]["columns"])
     groups = OUTPUTS[0]["groups"]
     assert {g.label for g in groups} == {"forget", "boundary"}
