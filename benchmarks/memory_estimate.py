@@ -9,22 +9,30 @@ the other two (full / LoRA / QLoRA). The components, in bytes (GiB = 2**30 bytes
 
 * **weights**: full / LoRA: every parameter in ``policy.dtype``; QLoRA: decoder linear weights in 4-bit NF4
   (0.5 byte) + double-quantised constants (one 8-bit absmax per 64 weights + one fp32 per 256 blocks:
-  1/64 + 4/16384 byte per weight), embeddings / lm_head / norms in ``policy.dtype``. Full fine-tuning with a
+  1/64 + 4/16384 byte per weight), and embeddings / lm_head / norms in **float32** (4 bytes):
+  ``prepare_model_for_kbit_training`` up-casts every parameter that is not quantised. Full fine-tuning with a
   KL term (GRPO, beta > 0) holds a second, frozen copy (the reference); (Q)LoRA disables adapters instead.
 * **trainable**: LoRA: r * (in + out) per adapted linear, fp32 parameter + gradient + 2 AdamW states = 16 bytes;
   full: gradient + 2 AdamW states in ``policy.dtype`` (6 bytes in bf16; the parameter is in weights).
-* **activations** for N sequences of L tokens (GRPO: N = batch_size * num_generations, L = prompt + max_new_tokens;
-  RS: N = batch_size, L = max_length): per token and layer 6h + 2h_kv + 4i elements in ``policy.dtype``
-  (attention: residual, normed input, q, k, v, attention output; SwiGLU MLP: residual, normed input, gate, up,
-  act(gate), product). With gradient checkpointing only each layer's input (h) is kept, plus one layer's full
-  set recomputed during backward.
-* **logits**: GRPO keeps ``[N, T, V]`` logits of the T completion positions in ``policy.dtype`` and, for the
-  backward of log-softmax, their float32 upcast (:func:`rerule_lightning.grpo.token_logprobs`): 6 bytes per
-  element in bf16; RS (full ``[N, L, V]`` logits, float32 cross-entropy) likewise; evaluation only one chunk.
-* **kv cache** of generation: N * L * layers * 2 * h_kv elements in ``policy.dtype``.
+* **activations** for n sequences of L tokens per forward / backward (GRPO: n = ``micro_batch_size`` when set,
+  else batch_size * num_generations; L = prompt + max_new_tokens; RS: n = batch_size, L = max_length): per token
+  and layer 6h + 2h_kv + 4i elements in ``policy.dtype`` (attention: residual, normed input, q, k, v, attention
+  output; SwiGLU MLP: residual, normed input, gate, up, act(gate), product). With gradient checkpointing only each
+  layer's input (h) is kept, plus one layer's full set recomputed during backward. QLoRA: the two normed inputs
+  come out of float32 norms, so they are float32: + 2h * (4 - dtype bytes) per token and (kept) layer.
+* **logits**: GRPO keeps ``[n, T, V]`` logits of the T completion positions of one micro-batch in
+  ``policy.dtype`` and, for the backward of log-softmax, their float32 upcast
+  (:func:`rerule_lightning.grpo.token_logprobs`): dtype + 4 bytes per element. QLoRA's float32 lm_head makes the
+  logits float32 themselves (4 + 4 bytes) and up-casts its ``[n, T, h]`` input (+ 4 bytes per element). RS (full
+  ``[n, L, V]`` logits, float32 cross-entropy) likewise; evaluation only one chunk.
+* **per-token tensors** of the whole GRPO batch, kept across micro-batches: behaviour, reference and per-token
+  loss log-probs, ``[B*G, T]`` float32 each (3 x 4 bytes per completion token).
+* **kv cache** of generation: g * L * layers * 2 * h_kv elements in ``policy.dtype``, g = ``generation_batch_size``
+  when set (sequences per ``generate`` call), else B*G (``micro_batch_size`` does not shrink it).
 * **overhead**: CUDA context and allocator slack, a flat 1 GiB.
 
-Peak = weights + trainable + overhead + max(training pass: activations + logits, generation: kv cache).
+Peak = weights + trainable + overhead + per-token tensors + max(training pass: activations + logits, generation:
+kv cache).
 These are estimates (no fragmentation model, no fused-kernel savings): measure before trusting the last GiB.
 """
 
@@ -104,11 +112,12 @@ def resolve_arch(name_or_path: str) -> Arch:
 
 
 def weight_bytes(arch: Arch, peft: str, dtype_bytes: int) -> float:
-    """Base weights: QLoRA quantises the decoder linears to NF4 with double-quantised constants."""
+    """Base weights: QLoRA quantises the decoder linears to NF4 with double-quantised constants and up-casts the
+    rest (embeddings, lm_head, norms) to float32."""
     if peft != "qlora":
         return (arch.linear_params() + arch.other_params()) * dtype_bytes
     n = arch.linear_params()
-    return n * 0.5 + n * (1 / 64 + 4 / (64 * 256)) + arch.other_params() * dtype_bytes
+    return n * 0.5 + n * (1 / 64 + 4 / (64 * 256)) + arch.other_params() * 4
 
 
 def lora_params(arch: Arch, r: int) -> int:
@@ -122,12 +131,14 @@ def trainable_bytes(arch: Arch, peft: str, dtype_bytes: int, r: int) -> float:
     return lora_params(arch, r) * 16.0
 
 
-def activation_bytes(arch: Arch, n_seq: int, length: int, dtype_bytes: int, checkpointing: bool) -> float:
+def activation_bytes(arch: Arch, n_seq: int, length: int, dtype_bytes: int, checkpointing: bool,
+                     fp32_norms: bool = False) -> float:
     per_layer = 6 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate  # elements per token
+    extra = 2 * arch.hidden * (4 - dtype_bytes) if fp32_norms else 0  # bytes per token and full layer (QLoRA)
     tokens = n_seq * length
     if checkpointing:
-        return tokens * (arch.layers * arch.hidden + per_layer) * dtype_bytes
-    return tokens * arch.layers * per_layer * dtype_bytes
+        return tokens * ((arch.layers * arch.hidden + per_layer) * dtype_bytes + extra)
+    return tokens * arch.layers * (per_layer * dtype_bytes + extra)
 
 
 def kv_cache_bytes(arch: Arch, n_seq: int, length: int, dtype_bytes: int) -> float:
@@ -135,29 +146,41 @@ def kv_cache_bytes(arch: Arch, n_seq: int, length: int, dtype_bytes: int) -> flo
 
 
 def estimate(arch: Arch, stage: str, peft: str, dtype: str, n_seq: int, prompt: int, completion: int,
-             checkpointing: bool, lora_r: int = 16, beta: float = 0.0) -> dict[str, float]:
-    """Components and peak (bytes) of one step; ``stage`` is ``grpo``, ``rs`` or ``eval``.
+             checkpointing: bool, lora_r: int = 16, beta: float = 0.0,
+             micro_batch_size: int | None = None, generation_batch_size: int | None = None) -> dict[str, float]:
+    """Components and peak (bytes) of one step; ``stage`` is ``grpo``, ``rs`` or ``eval`` (module docstring).
 
-    For ``rs`` pass the sequence length as ``prompt`` and 0 as ``completion``.
+    For ``rs`` pass the sequence length as ``prompt`` and 0 as ``completion``. ``n_seq`` is the whole batch
+    (GRPO: B*G); ``micro_batch_size`` the sequences of one GRPO forward / backward and ``generation_batch_size``
+    those of one rollout ``generate`` call (``None``: all of them).
+
+    Returns:
+        ``weights``, ``trainable``, ``activations``, ``logits``, ``per_token``, ``kv_cache``, ``overhead`` and
+        ``peak`` = weights + trainable + overhead + per_token + max(activations + logits, kv_cache).
     """
     db = DTYPE_BYTES[dtype]
+    q = peft == "qlora"
+    n_pass = n_seq if stage != "grpo" or micro_batch_size is None else min(n_seq, micro_batch_size)
     length = prompt + completion
     w = weight_bytes(arch, peft, db)
     if stage == "grpo" and peft == "full" and beta > 0:
         w *= 2  # frozen reference copy
     out = {"weights": w, "trainable": 0.0 if stage == "eval" else trainable_bytes(arch, peft, db, lora_r),
-           "activations": 0.0, "logits": 0.0, "kv_cache": 0.0, "overhead": float(OVERHEAD)}
+           "activations": 0.0, "logits": 0.0, "per_token": 0.0, "kv_cache": 0.0, "overhead": float(OVERHEAD)}
+    logit_bytes = 8 if q else db + 4  # QLoRA: float32 lm_head (float32 logits) + the log-softmax upcast
     if stage == "grpo":
-        out["activations"] = activation_bytes(arch, n_seq, length, db, checkpointing)
-        out["logits"] = n_seq * completion * arch.vocab * (db + 4)
-        out["kv_cache"] = kv_cache_bytes(arch, n_seq, length, db)
+        out["activations"] = activation_bytes(arch, n_pass, length, db, checkpointing, fp32_norms=q)
+        out["logits"] = n_pass * completion * (arch.vocab * logit_bytes + (arch.hidden * 4 if q else 0))
+        out["per_token"] = 3 * 4 * n_seq * completion
+        out["kv_cache"] = kv_cache_bytes(arch, n_seq if generation_batch_size is None
+                                         else min(n_seq, generation_batch_size), length, db)
     elif stage == "rs":
-        out["activations"] = activation_bytes(arch, n_seq, length, db, checkpointing)
-        out["logits"] = n_seq * length * arch.vocab * (db + 4)
+        out["activations"] = activation_bytes(arch, n_seq, length, db, checkpointing, fp32_norms=q)
+        out["logits"] = n_seq * length * (arch.vocab * logit_bytes + (arch.hidden * 4 if q else 0))
     else:
         out["kv_cache"] = kv_cache_bytes(arch, n_seq, length, db)
         out["logits"] = min(n_seq, 8) * completion * arch.vocab * 4 + n_seq * completion * arch.vocab * db
-    static = out["weights"] + out["trainable"] + out["overhead"]
+    static = out["weights"] + out["trainable"] + out["overhead"] + out["per_token"]
     out["peak"] = static + max(out["activations"] + out["logits"], out["kv_cache"])
     return out
 
@@ -184,7 +207,9 @@ def config_case(path: str, prompt_tokens: int | None = None) -> dict[str, Any]:
     model_id = next((n for n in names if n and _resolves(n)), names[0] or "?")
     case = {"config": os.path.relpath(path), "model": model_id, "peft": pol.get("peft", "full"),
             "dtype": pol.get("dtype", "float32"), "checkpointing": bool(pol.get("gradient_checkpointing", False)),
-            "lora_r": int(pol.get("lora_r", 16)), "beta": float(m_args.get("beta", 0.01))}
+            "lora_r": int(pol.get("lora_r", 16)), "beta": float(m_args.get("beta", 0.01)),
+            "micro_batch_size": m_args.get("micro_batch_size"),
+            "generation_batch_size": m_args.get("generation_batch_size")}
     if cls.endswith("GRPOUnlearningModule"):
         g = int(m_args.get("num_generations", 8))
         case.update(stage="grpo", n_seq=int(data.get("batch_size", 16)) * g, prompt=prompt,
@@ -206,17 +231,19 @@ def rows_for(case: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for m in modes:
         est = estimate(arch, case["stage"], m, case["dtype"], case["n_seq"], case["prompt"], case["completion"],
-                       case["checkpointing"], case["lora_r"], case["beta"])
+                       case["checkpointing"], case["lora_r"], case["beta"], case.get("micro_batch_size"),
+                       case.get("generation_batch_size"))
         rows.append({**case, "mode": m + (" (config)" if m == case["peft"] else ""), **est})
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     cols = ["weights", "trainable", "activations", "logits", "kv_cache", "peak"]
-    head = "| config | stage | model | peft | N x L | " + " | ".join(cols) + " (GiB) |"
+    head = "| config | stage | model | peft | N (per pass) x L | " + " | ".join(cols) + " (GiB) |"
     lines = [head, "|" + "---|" * (5 + len(cols))]
     for r in rows:
-        nl = f"{r['n_seq']} x {r['prompt'] + r['completion']}"
+        mb = r.get("micro_batch_size")
+        nl = f"{r['n_seq']}{f' ({mb})' if mb and r['stage'] == 'grpo' else ''} x {r['prompt'] + r['completion']}"
         lines.append(f"| {r['config']} | {r['stage']} | {r['model'].split('/')[-1]} | {r['mode']} | {nl} | "
                      + " | ".join(f"{r[c] / GIB:.2f}" for c in cols) + " |")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ The core is layered; each layer imports only from the layers below it (``tests/t
 
 1. model primitives: ``policy``, ``generation``, ``logprobs``, ``answers`` (refusal detection, fact matching),
    ``rouge``, ``prompting``, ``rollout``, ``guards``, ``checkpointing``, ``jsonio``;
-2. algorithms (``grpo``, ``rewards``) and evaluation (``metrics``, ``eval_suite``, ``evaluator``), siblings
+2. algorithms (``grpo``, ``micro_batch``, ``grpo_step``, ``rewards``) and evaluation (``metrics``, ``eval_suite``, ``evaluator``), siblings
    that do not import each other;
 3. Lightning modules: ``sft``, ``grpo_module``, ``eval_report`` (evaluation hooks), ``eval_module``;
 4. infrastructure and commands: ``tracking``, ``validation``, ``lightning_cli``, ``report_rows``, ``plots``,

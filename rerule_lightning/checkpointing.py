@@ -9,6 +9,9 @@
   truncated or non-checkpoint file fails with a ``ValueError`` / ``FileNotFoundError`` naming the file.
 * :func:`check_state_dict_matches` refuses a checkpoint from a different model (other parameter names or
   shapes), naming the file and the first differences.
+* :class:`TrainableStateMixin` keeps frozen weights out of a module's ``state_dict`` (so out of every
+  checkpoint): the frozen KL reference under full fine-tuning, the frozen (quantised) base under (Q)LoRA. They are
+  rebuilt from their source by ``configure_model`` on resume, exactly as they were, so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import glob
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -142,6 +145,78 @@ def check_state_dict_matches(saved: Mapping[str, Any], expected: Mapping[str, An
     if diffs:
         raise ValueError(f"checkpoint {str(path)!r} is from a different model than the configured one: "
                          + "; ".join(diffs))
+
+
+def frozen_state_keys(module: torch.nn.Module, keys: Iterable[str]) -> set[str]:
+    """The ``keys`` of ``module``'s state that belong to frozen weights.
+
+    A key is frozen when it lies in a submodule whose parameters all have ``requires_grad=False`` (the whole
+    reference model; a quantised base layer with its quantisation state), or it is, or extends (``weight.absmax``),
+    a direct parameter / buffer of a module whose own direct parameters are all frozen (a base linear, embedding or
+    norm beside LoRA adapters). Buffers of a module with trainable parameters are kept.
+
+    Args:
+        module: The module whose ``state_dict`` the keys come from.
+        keys: State-dict keys (without a prefix).
+
+    Returns:
+        The frozen ones.
+    """
+    whole: list[str] = []
+    direct: dict[str, set[str]] = {}
+    for name, m in module.named_modules():
+        if not name:
+            continue
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            whole.append(name + ".")
+            continue
+        own = list(m.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            direct[name + "."] = {n for n, _ in m.named_parameters(recurse=False)} | \
+                {n for n, _ in m.named_buffers(recurse=False)}
+    frozen = set()
+    for k in keys:
+        if any(k.startswith(w) for w in whole):
+            frozen.add(k)
+            continue
+        head, _, tail = k.rpartition(".")
+        while head:  # the module prefix of k whose direct names hold its first component
+            names = direct.get(head + ".")
+            if names is not None and k[len(head) + 1:].split(".")[0] in names:
+                frozen.add(k)
+                break
+            head, _, _ = head.rpartition(".")
+    return frozen
+
+
+class TrainableStateMixin:
+    """``state_dict`` / ``load_state_dict`` of a LightningModule without its frozen weights.
+
+    Checkpoints then hold the trainable parameters (full fine-tuning: the policy; (Q)LoRA: the adapters), their
+    buffers and the optimizer state of those parameters (which Lightning stores separately); the frozen modules
+    are rebuilt by ``configure_model`` from the same source on resume. Loading a checkpoint that still carries
+    frozen keys (an older, full one) ignores them.
+    """
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)  # type: ignore[misc]
+        prefix = kwargs.get("prefix", "")
+        frozen = frozen_state_keys(self, [k[len(prefix):] for k in state])  # type: ignore[arg-type]
+        for k in frozen:
+            del state[prefix + k]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        frozen = frozen_state_keys(self, state_dict.keys())  # type: ignore[arg-type]
+        lean = {k: v for k, v in state_dict.items() if k not in frozen}
+        result = super().load_state_dict(lean, strict=False, assign=assign)  # type: ignore[misc]
+        expected = set(self.state_dict())
+        missing = sorted(expected - set(lean))
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                               f"{missing[:5]}, unexpected keys {list(result.unexpected_keys)[:5]}")
+        return result._replace(missing_keys=missing)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -8,7 +8,8 @@
 
 This module is the top of the command layer: it dispatches to :mod:`~rerule_lightning.prepare`,
 :mod:`~rerule_lightning.lightning_cli`, :mod:`~rerule_lightning.pipeline` and :mod:`~rerule_lightning.report`,
-and nothing imports it (``rerule_lightning.cli:main`` is the console script).
+and only ``rerule_lightning.__main__`` imports it (``rerule_lightning.cli:main`` is the console script;
+``python -m rerule_lightning`` runs the same ``main``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ USAGE = """usage: rerule {prepare,fit,validate,test,demo,report} [options]
   demo      the main job on the embedded default: prepare -> rejection steering -> RULE -> evaluation
   report    compare MLflow runs: table (Markdown, CSV) and plots, logged to a report run
 
-Run `rerule COMMAND --help` for the options of one command.
+Run `rerule COMMAND --help` for the options of one command; `rerule --version` prints the versions.
 
   --threads N   (prepare, fit, validate, test, demo) torch intra-op threads, pinned so that a run repeats
                 exactly on the same machine; default $RERULE_THREADS, else $OMP_NUM_THREADS, else 2;
@@ -63,11 +64,30 @@ def main(argv: list[str] | None = None) -> Any:
         return 1
 
 
+def version_line() -> str:
+    """``rerule-lightning X (torch ..., lightning ..., transformers ..., peft ...)``, read without importing them."""
+    from importlib import metadata
+
+    from rerule_lightning import __version__
+
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{d} {v(d)}" for d in ("torch", "lightning", "transformers", "peft", "bitsandbytes"))
+    return f"rerule-lightning {__version__} ({deps}; python {sys.version.split()[0]})"
+
+
 def _dispatch(argv: list[str] | None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V", "version"):
+        print(version_line())
+        return 0
     quiet_libraries()
     cmd, rest = argv[0], argv[1:]
     if cmd == "prepare":

@@ -39,7 +39,8 @@ OFF_POLICY_CORRECTIONS = ("truncated", "clipped", "none")
 OFF_POLICY_LEVELS = ("token", "sequence")
 
 
-def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4,
+                     applicable: Tensor | None = None) -> Tensor:
     """Group-relative advantages.
 
     Args:
@@ -47,9 +48,12 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -
         scale: ``group`` (divide by each group's std), ``batch`` (by the std of all N·G rewards; still
             centred per group) or ``none`` (centre only). Stds are Bessel-corrected.
         eps: Added to the std before dividing.
+        applicable: ``[N, G]`` bool, ``False`` where no reward applies (a reward returned ``None``): those
+            entries are left out of every mean and std and get advantage 0. ``None``: all apply.
 
     Returns:
-        ``[N, G]`` advantages in the rewards' (floating) dtype. With G == 1 every advantage is 0.
+        ``[N, G]`` advantages in the rewards' (floating) dtype. With G == 1 every advantage is 0; so is that of
+        a group with a single applicable reward.
 
     Raises:
         ValueError: For an unknown ``scale`` or rewards that are not 2-D.
@@ -61,12 +65,34 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -
     r = rewards if rewards.is_floating_point() else rewards.float()  # [N, G]
     if r.size(1) == 1:
         return torch.zeros_like(r)  # [N, 1]: a group of one has no baseline but itself
+    if applicable is not None and not bool(applicable.all()):
+        return _masked_advantages(r, applicable.to(torch.bool), scale, eps)
     centred = r - r.mean(dim=1, keepdim=True)  # [N, G]
     if scale == "group":
         return centred / (r.std(dim=1, keepdim=True) + eps)  # [N, G]
     if scale == "batch":
         return centred / (r.std() + eps)  # [N, G]
     return centred
+
+
+def _masked_advantages(r: Tensor, m: Tensor, scale: str, eps: float) -> Tensor:
+    """:func:`group_advantages` over the applicable entries ``m`` only (Bessel-corrected, 0 elsewhere)."""
+    w = m.to(r.dtype)  # [N, G]
+    x = torch.where(m, r, torch.zeros_like(r))  # [N, G]: NaN / garbage outside m never enters a sum
+    n = w.sum(1, keepdim=True)  # [N, 1]
+    mean = x.sum(1, keepdim=True) / n.clamp(min=1.0)  # [N, 1]
+    centred = torch.where(m, x - mean, torch.zeros_like(r))  # [N, G]
+    if scale == "group":
+        std = ((centred**2).sum(1, keepdim=True) / (n - 1).clamp(min=1.0)).sqrt()  # [N, 1]
+        out = centred / (std + eps)  # [N, G]
+    elif scale == "batch":
+        total = w.sum()
+        batch_mean = x.sum() / total.clamp(min=1.0)
+        dev = torch.where(m, x - batch_mean, torch.zeros_like(r))  # [N, G]
+        out = centred / (((dev**2).sum() / (total - 1).clamp(min=1.0)).sqrt() + eps)  # [N, G]
+    else:
+        out = centred
+    return torch.where(n > 1, out, torch.zeros_like(r))  # [N, G]: one applicable reward has no baseline
 
 
 def kind_signal(rewards: torch.Tensor, kinds: list[str]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,11 @@ sequences, and a step forwards and back-propagates at most B·G sequences. Unrep
 (KL only). Left-out groups reach the callback with ``behaviour_logprobs = None``: they cannot be replayed.
 ``outputs["replay_used"]`` lists the indices of the supplied groups the step trained on.
 
+Micro-batching (``micro_batch_size``): the fresh and the replayed sequences are forwarded and back-propagated
+``micro_batch_size`` rows at a time (reference passes too), each micro-batch's loss divided by the whole step's
+normaliser, so the accumulated gradient is the single pass's (:mod:`rerule_lightning.micro_batch`); statistics are
+recomputed on the whole batch. Under DDP every micro-batch's backward all-reduces (correct; no ``no_sync`` yet).
+
 μ > 1 (``num_iterations``): Lightning counts every optimizer step in ``trainer.global_step``, so ``max_steps``
 optimizer steps are ``max_steps // μ`` rollout batches and ``global_step // μ`` is the rollout batch index (the
 datamodule and replay callbacks count in it). The μ iterations reuse the batch's rollouts and replayed groups.
@@ -61,18 +66,19 @@ import lightning as L
 import torch
 
 from rerule_lightning import logprobs
-from rerule_lightning.checkpointing import check_state_dict_matches
+from rerule_lightning.checkpointing import TrainableStateMixin, check_state_dict_matches, frozen_state_keys
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
+from rerule_lightning.generation import check_generation_kwargs, sample_completions
 from rerule_lightning.grpo import (
     group_advantages,
     grpo_loss,
-    k3_kl,
     kind_signal,
-    off_policy_loss,
 )
+from rerule_lightning.grpo_step import ClipSettings, micro_batched_iteration, replay_token_loss
 from rerule_lightning.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
 from rerule_lightning.logprobs import token_logprobs
+from rerule_lightning.micro_batch import chunked_logprobs
 from rerule_lightning.policy import (
     PolicyConfig,
     build_policy,
@@ -81,10 +87,9 @@ from rerule_lightning.policy import (
     plain_hparams,
     reference_context,
 )
-from rerule_lightning.rewards import get_reward_fn
+from rerule_lightning.rewards import build_reward
 from rerule_lightning.rollout import (
     RolloutGroup,
-    completion_mask_from_ids,
     keep_groups,
     pack_sequences,
     replay_slots,
@@ -93,8 +98,11 @@ from rerule_lightning.rollout import (
 )
 
 
-class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
+class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModule):
     """GRPO on forget and boundary prompts with verifiable RULE rewards (manual optimization).
+
+    Checkpoints hold the trainable weights only (:class:`~rerule_lightning.checkpointing.TrainableStateMixin`):
+    never the frozen reference (full fine-tuning) nor the frozen base (under (Q)LoRA).
 
     Args:
         policy: The model to unlearn (the rejection-steered checkpoint) and how to train it.
@@ -103,12 +111,24 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         num_generations: G, completions sampled per prompt.
         max_new_tokens: Longest completion sampled.
         temperature: Sampling temperature (log-probs use the same temperature).
-        top_p: Nucleus sampling threshold.
+        top_p: Nucleus sampling threshold (behaviour log-probs are those of the untruncated tempered softmax, so
+            keep 1.0, RULE's setting, for exact ratios).
+        generation_batch_size: Sequences per rollout ``generate`` call (whole prompts: ``// num_generations``
+            prompts each, at least one); ``None`` samples the whole batch at once. Bounds the KV cache.
+        stop_token_ids: Further token ids that end a completion besides the tokenizer's EOS (e.g. Llama-3's
+            ``<|eot_id|>``).
+        generation_kwargs: Extra rollout ``GenerationConfig`` fields that leave the sampling distribution
+            unchanged: ``cache_implementation``, ``cache_config``, ``use_cache``, ``stop_strings``; anything else
+            is refused. Rollouts never read the model's own ``generation_config``
+            (:func:`rerule_lightning.generation.sample_rollouts`).
         learning_rate: AdamW learning rate (constant).
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient-norm clip (``self.clip_gradients``); 0 disables.
         num_iterations: μ, optimizer steps per rollout batch, reusing the rollouts against π_old (each one
             counts in ``trainer.global_step``).
+        micro_batch_size: Sequences per forward / backward (fresh and replayed alike, policy and reference
+            passes), gradients accumulated inside the one optimizer step under the whole batch's normaliser
+            (:mod:`rerule_lightning.micro_batch`); ``None`` forwards each part in one pass.
         beta: KL coefficient (k3 estimator, verl's clamps); 0 skips the reference pass entirely.
         epsilon_low: Lower clip range ε_low.
         epsilon_high: Upper clip range ε_high.
@@ -116,7 +136,12 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             groups under the ``clipped`` correction.
         loss_type: Normaliser: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
         scale_rewards: Advantage scaling: ``group``, ``batch`` or ``none``.
-        reward: Reward function name in :data:`rerule_lightning.rewards.REWARD_FUNCTIONS`.
+        reward: A reward in :data:`rerule_lightning.rewards.REWARD_FUNCTIONS`, an import path
+            ``package.module:function`` of a function ``(prompts, completions, **columns) -> list[float | None]``
+            (columns: ``labels``, ``references``, ``values``, ``targets``, ``target_aware``,
+            ``recall_threshold``), or a list of them, summed with ``reward_weights``. ``None`` means "not
+            applicable": left out of the group's mean and std, advantage 0.
+        reward_weights: One weight per entry of ``reward`` (default: 1 each).
         target_aware: Forget reward variant: 0.5 for refusing + 0.5 for naming the target.
         recall_threshold: Boundary reward: ROUGE-L recall needed for the second 0.5.
         eval_max_new_tokens: Greedy tokens per answer in validation / test.
@@ -133,11 +158,13 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
                  num_generations: int = 8, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
+                 generation_batch_size: int | None = None, stop_token_ids: list[int] | None = None, generation_kwargs: dict[str, Any] | None = None,
                  learning_rate: float = 2e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
-                 num_iterations: int = 1, beta: float = 0.01, epsilon_low: float = 0.2, epsilon_high: float = 0.3,
+                 num_iterations: int = 1, micro_batch_size: int | None = None, beta: float = 0.01, epsilon_low: float = 0.2, epsilon_high: float = 0.3,
                  dual_clip: float | None = 3.0,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
-                 scale_rewards: Literal["group", "batch", "none"] = "group", reward: str = "rule",
+                 scale_rewards: Literal["group", "batch", "none"] = "group", reward: str | list[str] = "rule",
+                 reward_weights: list[float] | None = None,
                  target_aware: bool = False, recall_threshold: float = 0.3, eval_max_new_tokens: int = 32,
                  seed: int = 0, export_dir: str | None = None, eval_reference: str | None = None,
                  eval_report_path: str | None = None, max_consecutive_nonfinite: int = 3) -> None:
@@ -153,6 +180,10 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             errors.append(f"num_generations={num_generations}: GRPO needs at least 2 completions per prompt")
         if num_iterations < 1:
             errors.append(f"num_iterations={num_iterations}: must be >= 1")
+        if generation_batch_size is not None and generation_batch_size < 1:
+            errors.append(f"generation_batch_size={generation_batch_size}: must be >= 1 (or null for one call)")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            errors.append(f"micro_batch_size={micro_batch_size}: must be >= 1 (or null for one pass)")
         if temperature <= 0:
             errors.append(f"temperature={temperature}: must be > 0")
         if not 0 < top_p <= 1:
@@ -163,10 +194,11 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             errors.append(f"scale_rewards={scale_rewards!r}: choose group, batch or none")
         if beta < 0:
             errors.append(f"beta={beta}: must be >= 0")
+        errors += check_generation_kwargs(generation_kwargs)
         if errors:
             raise ValueError("GRPOUnlearningModule: " + "; ".join(errors))
         try:
-            self.reward_fn = get_reward_fn(reward)  # fails early on an unknown name
+            self.reward_fn = build_reward(reward, reward_weights)  # fails early on an unknown name or path
         except ValueError as e:
             raise ValueError(f"GRPOUnlearningModule: reward={reward!r}: {e}") from None
         self.save_hyperparameters(ignore=["policy"])
@@ -195,28 +227,15 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
 
     # -------------------------------------------------------------- rollouts
     def _sample(self, prompts: list[str]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
-        """Sample G completions per prompt. Returns prompt ids, completion ids/mask ``[B*G, T]`` and texts."""
-        from rerule_lightning.generation import encode_prompts
+        """Sample G completions per prompt. Returns prompt ids, completion ids/mask ``[B*G, T]`` and texts.
 
+        The distribution is the module's alone (a fresh ``GenerationConfig``; the model's own is ignored)."""
         h, tok = self.hparams, self.tokenizer
         torch.manual_seed(h.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
-        enc = encode_prompts(tok, prompts, self.device)
-        was_training = self.model.training
-        self.model.eval()
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc, do_sample=True, temperature=h.temperature, top_p=h.top_p, top_k=0,
-                max_new_tokens=h.max_new_tokens, num_return_sequences=h.num_generations,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        self.model.train(was_training)
-        completion_ids = out[:, enc["input_ids"].size(1):].clone()  # [B*G, T] (clone leaves inference mode)
-        if completion_ids.size(1) == 0:
-            completion_ids = torch.full((out.size(0), 1), tok.eos_token_id, device=out.device)
-        mask = completion_mask_from_ids(completion_ids, tok.eos_token_id)  # [B*G, T]
-        completion_ids = completion_ids.masked_fill(mask == 0, tok.pad_token_id)
-        texts = [t.strip() for t in tok.batch_decode(completion_ids, skip_special_tokens=True)]
-        prompt_ids = [row[m.bool()].clone() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
-        return prompt_ids, completion_ids, mask, texts
+        return sample_completions(self.model, tok, prompts, num_generations=h.num_generations,
+                                  temperature=h.temperature, top_p=h.top_p, max_new_tokens=h.max_new_tokens,
+                                  stop_token_ids=h.stop_token_ids, generation_kwargs=h.generation_kwargs,
+                                  generation_batch_size=h.generation_batch_size, device=self.device)
 
     def sequence_logprobs(self, prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
                           completion_mask: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,18 +251,20 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         """
 
         model = self.ref_model if reference and self.ref_model is not None else self.model
-        ctx = reference_context(model) if reference and self.ref_model is None else contextlib.nullcontext()
+        ctx = (lambda: reference_context(model)) if reference and self.ref_model is None else contextlib.nullcontext
         pad, temp = self.tokenizer.pad_token_id, self.hparams.temperature
         if (reference and not torch.is_grad_enabled() and len(logprobs.prompt_runs(prompt_ids)[0]) < len(prompt_ids)
                 and logprobs.supports_prefix_cache(model)):
-            with ctx:
-                return logprobs.shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad, temp)
+            with ctx():
+                shared = logprobs.shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad, temp)
+            if shared is not None:
+                return shared
         input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, pad)
         t = input_ids.size(1) - p
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn}
         if logprobs.accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = t + 1  # lm_head only on the positions that predict completion tokens
-        with ctx:
+        with ctx():
             logits = model(**kwargs).logits  # [N, T'+1, V] (or [N, P+T', V] without logits_to_keep)
         logits = logits[:, -(t + 1): -1]  # [N, T', V], a view: the temperature is applied per chunk below
         logp = token_logprobs(logits, input_ids[:, p:], temperature=temp)  # [N, T']
@@ -262,8 +283,12 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                              values=rep(batch["value"]), targets=rep(batch["target"]), target_aware=h.target_aware,
                              recall_threshold=h.recall_threshold)
         rewards = torch.tensor([0.0 if r is None else float(r) for r in raw], device=self.device).view(b, g)  # [B, G]
-        rewards_all = self.all_gather(rewards).reshape(-1, g) if self.trainer.world_size > 1 else rewards
-        advantages = group_advantages(rewards_all, h.scale_rewards)  # [B_all, G]
+        applicable = torch.tensor([r is not None for r in raw], device=self.device).view(b, g)  # [B, G]
+        rewards_all, applicable_all = rewards, applicable
+        if self.trainer.world_size > 1:
+            rewards_all = self.all_gather(rewards).reshape(-1, g)  # [B_all, G]
+            applicable_all = self.all_gather(applicable).reshape(-1, g)  # [B_all, G]
+        advantages = group_advantages(rewards_all, h.scale_rewards, applicable=applicable_all)  # [B_all, G]
         if self.trainer.world_size > 1:
             advantages = advantages.view(self.trainer.world_size, b, g)[self.global_rank]  # [B, G]
         adv = advantages.reshape(-1)  # [B*G]
@@ -284,7 +309,8 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
         ref_logp = None
         if h.beta > 0 and f_pids:
             with torch.no_grad():
-                ref_logp, _ = self.sequence_logprobs(f_pids, f_ids, f_mask, reference=True)  # [K*G, T']
+                ref_logp, _ = chunked_logprobs(self._reference_logprobs, f_pids, f_ids, f_mask,
+                                               h.micro_batch_size)  # [K*G, T']
         replayed = self.replay_inputs(replay) if replay else None
         opt = self.optimizers()
         old_logp = None
@@ -295,24 +321,30 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             active = self.all_gather(active).sum() / self.trainer.world_size
         weight = float(opts.get("weight", 1.0))
         for _ in range(h.num_iterations):
-            if f_pids:
-                logp, m = self.sequence_logprobs(f_pids, f_ids, f_mask)  # [K*G, T']
-            else:  # every fresh group was replaced: only the replayed sequences are trained on
-                logp = m = torch.zeros(0, 1, device=self.device)  # [0, 1]
-            if old_logp is None:
-                old_logp = logp.detach()
-            extra = []
-            r_stats: dict[str, torch.Tensor] = {}
-            if replayed is not None:
-                r_tok, r_mask, r_stats = self.replay_loss(replayed, opts)  # [R*G, T''] x2
-                extra.append((r_tok, r_mask, weight))
-            loss, stats = grpo_loss(logp, old_logp, f_adv, m, ref_logp=ref_logp, beta=h.beta,
-                                    eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip,
-                                    loss_type=h.loss_type, max_completion_length=h.max_new_tokens,
-                                    num_active_tokens=float(active), extra=extra)
-            stats.update(r_stats)
             opt.zero_grad()
-            self.manual_backward(loss)  # also with a non-finite loss: under DDP every rank must all-reduce
+            if h.micro_batch_size is not None:  # gradient accumulation over micro-batches, same loss
+                loss, stats, old_logp = micro_batched_iteration(
+                    (f_pids, f_ids, f_mask, f_adv), old_logp, ref_logp, replayed, opts, self._clip(),
+                    self.sequence_logprobs, self.manual_backward, h.loss_type, h.micro_batch_size, h.max_new_tokens,
+                    float(active))
+            else:
+                if f_pids:
+                    logp, m = self.sequence_logprobs(f_pids, f_ids, f_mask)  # [K*G, T']
+                else:  # every fresh group was replaced: only the replayed sequences are trained on
+                    logp = m = torch.zeros(0, 1, device=self.device)  # [0, 1]
+                if old_logp is None:
+                    old_logp = logp.detach()
+                extra = []
+                r_stats: dict[str, torch.Tensor] = {}
+                if replayed is not None:
+                    r_tok, r_mask, r_stats = self.replay_loss(replayed, opts)  # [R*G, T''] x2
+                    extra.append((r_tok, r_mask, weight))
+                loss, stats = grpo_loss(logp, old_logp, f_adv, m, ref_logp=ref_logp, beta=h.beta,
+                                        eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip,
+                                        loss_type=h.loss_type, max_completion_length=h.max_new_tokens,
+                                        num_active_tokens=float(active), extra=extra)
+                stats.update(r_stats)
+                self.manual_backward(loss)  # also with a non-finite loss: under DDP every rank must all-reduce
             finite = all_finite([loss.detach()]) and grads_finite(self.model.parameters())
             finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
             self.nonfinite.update(finite)
@@ -331,6 +363,9 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
                                                  advantages, texts, step=sampled_at, ref_logp=ref_logp, kept=kept)
         if supplied:
             stats["sequences_trained"] = torch.tensor(float((len(kept) + len(replay)) * g))
+        if not bool(applicable.all()):  # the mean reward over the rewards that apply (not counting n/a as 0)
+            stats["reward_applicable_frac"] = applicable.float().mean()
+            stats["reward_applicable_mean"] = rewards[applicable].mean() if applicable.any() else rewards.new_zeros(())
         self._log_step(loss, stats, rewards, mask, batch, b)
         return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
 
@@ -351,7 +386,10 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is not None:  # refuse another model's checkpoint before load_state_dict trips on it
-            check_state_dict_matches(checkpoint.get("state_dict", {}), self.state_dict(),
+            saved = checkpoint.get("state_dict", {})
+            for k in frozen_state_keys(self, list(saved)):  # an older checkpoint with frozen weights: not needed
+                del saved[k]
+            check_state_dict_matches(saved, self.state_dict(),
                                      getattr(self._trainer, "ckpt_path", None))
         if "nonfinite" in checkpoint:
             self.nonfinite.load_state_dict(checkpoint["nonfinite"])
@@ -370,8 +408,9 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             inputs["ref_logprobs"] = None
         elif inputs["ref_logprobs"] is None:  # some group was stored without them: one reference pass here
             with torch.no_grad():
-                inputs["ref_logprobs"], _ = self.sequence_logprobs(
-                    inputs["prompt_ids"], inputs["completion_ids"], inputs["completion_mask"], reference=True)
+                inputs["ref_logprobs"], _ = chunked_logprobs(
+                    self._reference_logprobs, inputs["prompt_ids"], inputs["completion_ids"],
+                    inputs["completion_mask"], self.hparams.micro_batch_size)
         return inputs
 
     def replay_loss(self, inputs: dict[str, Any],
@@ -390,21 +429,17 @@ class GRPOUnlearningModule(EvaluationHooks, L.LightningModule):
             ``(per_token [R*G, T'], mask [R*G, T'], stats)``: ℓ^off + β·KL3 per token; stats ``replay/*``
             (IS weight mean / max, truncated fraction, ESS, KL).
         """
-        h = self.hparams
         logp, m = self.sequence_logprobs(inputs["prompt_ids"], inputs["completion_ids"],
                                          inputs["completion_mask"])  # [R*G, T']
-        beh = inputs["behaviour_logprobs"][:, : logp.size(1)]  # [R*G, T']
-        per_tok, stats = off_policy_loss(logp, beh, inputs["advantages"], m,
-                                         correction=opts.get("correction", "truncated"),
-                                         level=opts.get("level", "token"), cap=opts.get("cap", 2.0),
-                                         eps_low=h.epsilon_low, eps_high=h.epsilon_high, dual_clip=h.dual_clip)
-        if inputs["ref_logprobs"] is not None:
-            ref = inputs["ref_logprobs"][:, : logp.size(1)]  # [R*G, T']
-            kl = k3_kl(logp, torch.where(m > 0, ref, logp).detach())  # [R*G, T']
-            per_tok = per_tok + h.beta * kl  # [R*G, T']
-            with torch.no_grad():
-                stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
-        return per_tok, m, {f"replay/{k}": v for k, v in stats.items()}
+        per_tok, stats = replay_token_loss(logp, m, inputs, slice(None), opts, self._clip())
+        return per_tok, m, stats
+
+    def _clip(self) -> ClipSettings:
+        h = self.hparams
+        return ClipSettings(h.beta, h.epsilon_low, h.epsilon_high, h.dual_clip)
+
+    def _reference_logprobs(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sequence_logprobs(*args, reference=True)
 
     def _groups(self, batch: dict[str, Any], prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
                 mask: torch.Tensor, logp: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,

@@ -94,7 +94,8 @@ def pop_threads(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def quiet_libraries() -> None:
-    """Silence per-call progress bars and tips of datasets / transformers / Lightning (not our own bars)."""
+    """Silence per-call progress bars and tips of datasets / transformers / Lightning (not our own bars, nor the
+    hub's download progress)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import datasets
@@ -105,8 +106,15 @@ def quiet_libraries() -> None:
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # per-call bars ("Loading weights"); it also turns off the hub's ...
         hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - optional
+        pass
+    try:  # ... download bars, which a user fetching an 8 B model wants to see (HF_HUB_DISABLE_PROGRESS_BARS=1 hides)
+        from huggingface_hub.utils import enable_progress_bars
+
+        if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() not in ("1", "true", "yes", "on"):
+            enable_progress_bars()
     except Exception:  # pragma: no cover - optional
         pass
     import logging

@@ -145,7 +145,7 @@ def length_buckets(lengths: list[int], max_buckets: int = 4, min_rows: int = 16)
 @torch.no_grad()
 def shared_prefix_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids: Tensor, completion_mask: Tensor,
                            pad_id: int, temperature: float = 1.0, max_buckets: int = 4,
-                           min_rows: int = 16) -> tuple[Tensor, Tensor]:
+                           min_rows: int = 16) -> tuple[Tensor, Tensor] | None:
     """Per-token log-probs of completions, each distinct prompt's KV cache computed once and shared.
 
     The completions run in up to ``max_buckets`` length-sorted buckets, each trimmed to its longest
@@ -163,7 +163,8 @@ def shared_prefix_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids:
 
     Returns:
         ``(logp [N, T'], mask [N, T'])`` with ``T'`` the longest real completion, as ``sequence_logprobs``;
-        ``logp`` is 0 on padding beyond a row's bucket length.
+        ``logp`` is 0 on padding beyond a row's bucket length. ``None`` when the model returns no cache (the
+        caller then runs the full pass).
     """
     import copy
 
@@ -182,6 +183,8 @@ def shared_prefix_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids:
     out = model(input_ids=ids_p, attention_mask=mask_p, use_cache=True, logits_to_keep=1)
     prompt_cache = out.get("cache", None)
     prompt_cache = out.get("past_key_values", None) if prompt_cache is None else prompt_cache
+    if prompt_cache is None:  # the model declined to cache (transformers < 5 under checkpointing in train mode)
+        return None
     logp = torch.zeros(ids_c.shape, dtype=torch.promote_types(out.logits.dtype, torch.float32), device=dev)  # [N, T']
     logp[:, :1] = token_logprobs(out.logits[:, -1:][index], ids_c[:, :1], temperature=temperature)  # [N, 1]
     name = cache_argument(model)

@@ -147,9 +147,25 @@ def build_policy(cfg: PolicyConfig) -> torch.nn.Module:
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model.train()
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-re-entrant gradient checkpointing, with input gradients enabled under (Q)LoRA.
+
+    Re-entrant checkpointing (the default of older transformers) back-propagates through a checkpointed block
+    only if one of its tensor inputs requires grad. Under (Q)LoRA the frozen embedding's output does not, so
+    every adapter inside would get no gradient ("element 0 of tensors does not require grad" on transformers
+    4.57). Non-re-entrant checkpointing has no such condition; the input gradients cover a model class that
+    ignores ``gradient_checkpointing_kwargs``.
+    """
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if is_peft(model) and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 def _keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> None:

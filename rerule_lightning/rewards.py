@@ -22,6 +22,15 @@ Rewards
   (ROUGE verification, ``rouge_score`` semantics), ``rule_rwku`` (``verify="rouge_rwku"``: ROUGE-L recall as RWKU
   and RULE compute it, the ``rouge`` package's, :func:`rerule_lightning.rouge.rwku_rouge_l`) and ``rule_fact``
   (fact verification) in :data:`REWARD_FUNCTIONS`.
+
+Open rewards
+------------
+A config's ``reward`` names a registered reward or any importable function with the same TRL-style contract,
+``module.path:function`` (or ``module.path.function``); several rewards combine with weights
+(:class:`WeightedReward`). A reward returns ``None`` for an item it does not apply to: the weighted sum skips it
+(TRL's ``nansum``), and an item no reward applies to is *not applicable*: it is left out of its group's mean and
+std and gets advantage 0 (:func:`rerule_lightning.grpo.group_advantages` with a mask), instead of counting as a
+reward of 0.0. A float NaN is not "not applicable": it is a non-finite reward and skips the step.
 """
 
 from __future__ import annotations
@@ -200,16 +209,75 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """The reward registered as ``name``.
+    """The reward registered as ``name``, or the function at the import path ``name`` (``pkg.mod:fn`` or
+    ``pkg.mod.fn``).
 
     Raises:
-        ValueError: For an unknown name, listing the valid ones.
+        ValueError: For an unknown name or an import path that does not resolve to a callable, saying why.
     """
-    try:
+    if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(REWARD_FUNCTIONS))}") from None
+    if ":" not in name and "." not in name:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(REWARD_FUNCTIONS))}, or an "
+                         "import path 'package.module:function'")
+    import importlib
+
+    module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward {name!r}: cannot import module {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward {name!r}: module {module_name!r} has no function {attr!r}")
+    return fn
 
 
-__all__ = ["REFUSAL_PATTERNS", "REWARD_FUNCTIONS", "VERIFY_MODES", "RewardFn", "Verify", "boundary_reward", "forget_reward",
-           "get_reward_fn", "is_refusal", "refusal_reward", "rule_reward"]
+class WeightedReward:
+    """Several rewards as one: Σ_f w_f r_f per item over the rewards that apply (return a value) to it.
+
+    Args:
+        fns: The reward functions (TRL-style contract).
+        weights: One weight per function (default: all 1).
+        names: Their config names, for error messages.
+    """
+
+    def __init__(self, fns: Sequence[RewardFn], weights: Sequence[float] | None = None,
+                 names: Sequence[str] | None = None) -> None:
+        weights = [1.0] * len(fns) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(fns):
+            raise ValueError(f"reward_weights has {len(weights)} weights but there are {len(fns)} rewards")
+        self.fns, self.weights = list(fns), weights
+        self.names = list(names) if names is not None else [getattr(f, "__name__", repr(f)) for f in fns]
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        """Per item the weighted sum of the applicable rewards, ``None`` where none applies."""
+        out: list[float | None] = [None] * len(completions)
+        for fn, w, name in zip(self.fns, self.weights, self.names):
+            values = fn(prompts, completions, **columns)
+            if len(values) != len(completions):
+                raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+            for i, v in enumerate(values):
+                if v is not None:
+                    out[i] = (out[i] or 0.0) + w * float(v)
+        return out
+
+
+def build_reward(reward: str | Sequence[str], weights: Sequence[float] | None = None) -> RewardFn:
+    """The reward of a config: one name / import path, or several combined by :class:`WeightedReward`.
+
+    Raises:
+        ValueError: For an unresolvable entry (naming it) or a weight count that does not match.
+    """
+    names = [reward] if isinstance(reward, str) else list(reward)
+    if not names:
+        raise ValueError("reward: give at least one reward")
+    fns = [get_reward_fn(n) for n in names]
+    if len(fns) == 1 and weights is None:
+        return fns[0]
+    return WeightedReward(fns, weights, names)
+
+
+__all__ = ["REFUSAL_PATTERNS", "REWARD_FUNCTIONS", "VERIFY_MODES", "RewardFn", "Verify", "WeightedReward",
+           "boundary_reward", "build_reward", "forget_reward", "get_reward_fn", "is_refusal", "refusal_reward",
+           "rule_reward"]

@@ -21,6 +21,7 @@ Contract between :class:`~rerule_lightning.grpo_module.GRPOUnlearningModule` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,16 +132,18 @@ def keep_groups(kept: list[int], g: int, prompt_ids: list[torch.Tensor], complet
     return [prompt_ids[r] for r in rows], completion_ids[idx], mask[idx], advantages[idx]
 
 
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int | Sequence[int]) -> torch.Tensor:
     """1.0 up to and including the first EOS of each row, 0.0 after it.
 
     Args:
         completion_ids: ``[N, T]`` generated ids (HF pads finished rows with the pad id, which may equal EOS).
+        eos_id: The EOS id, or several stop ids (the first of any ends the row).
 
     Returns:
         ``[N, T]`` float mask.
     """
-    is_eos = completion_ids == eos_id  # [N, T]
+    ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, ids)  # [N, T]
     # index of the first EOS (T when none): tokens at positions <= that index are real
     first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], is_eos.size(1),
                                                                                    dtype=torch.long))  # [N]

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from rerule_lightning.checkpointing import TrainableStateMixin
 from rerule_lightning.policy import PolicyConfig, build_policy, load_tokenizer, plain_hparams, save_policy
 from rerule_lightning.prompting import IGNORE_INDEX, collate_right_padded, tokenize_pair  # noqa: F401
 
@@ -66,7 +67,7 @@ class TinyLlamaConfig:
         return LlamaForCausalLM(cfg)
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(TrainableStateMixin, L.LightningModule):
     """Supervised fine-tuning with the loss on answer tokens only.
 
     Args:

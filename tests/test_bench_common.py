@@ -202,12 +202,22 @@ def test_memory_estimate_matches_hand_computed_numbers() -> None:
     assert (arch.linear_params(), arch.other_params()) == (73728, 6720)
     est = me.estimate(arch, "grpo", "qlora", "bfloat16", n_seq=8, prompt=10, completion=6, checkpointing=True,
                       lora_r=4, beta=0.01)
-    assert est["weights"] == 73728 * 0.5 + 73728 * (1 / 64 + 4 / 16384) + 6720 * 2 == 51474  # NF4 + double quant
+    # NF4 + double quant; embeddings and norms up-cast to float32 by prepare_model_for_kbit_training
+    assert est["weights"] == 73728 * 0.5 + 73728 * (1 / 64 + 4 / 16384) + 6720 * 4 == 64914
     assert est["trainable"] == 4 * 2 * 1024 * 16 == 131072  # r (in + out) summed = 4 * 1024 per layer, 16 B each
-    assert est["activations"] == 8 * 16 * (2 * 64 + (6 * 64 + 2 * 32 + 4 * 128)) * 2 == 278528  # inputs + 1 layer
-    assert est["logits"] == 8 * 6 * 100 * (2 + 4) == 28800
+    # inputs + 1 layer in bf16, + the two float32 normed inputs of the recomputed layer: 2 * 64 * (4 - 2) B per token
+    assert est["activations"] == 8 * 16 * ((2 * 64 + (6 * 64 + 2 * 32 + 4 * 128)) * 2 + 256) == 311296
+    assert est["logits"] == 8 * 6 * (100 * (4 + 4) + 64 * 4) == 50688  # float32 lm_head and its float32 input
+    assert est["per_token"] == 3 * 4 * 8 * 6 == 576  # behaviour, reference, loss log-probs of the whole batch
     assert est["kv_cache"] == 8 * 16 * 2 * 2 * 32 * 2 == 32768
-    assert est["peak"] == 51474 + 131072 + 2 ** 30 + 278528 + 28800
+    assert est["peak"] == 64914 + 131072 + 2 ** 30 + 576 + 311296 + 50688
+    # micro-batches of 2: activations and logits of 2 sequences, the kv cache and per-token tensors of all 8
+    micro = me.estimate(arch, "grpo", "qlora", "bfloat16", n_seq=8, prompt=10, completion=6, checkpointing=True,
+                        lora_r=4, beta=0.01, micro_batch_size=2)
+    assert (micro["activations"], micro["logits"]) == (311296 / 4, 50688 / 4)
+    assert (micro["kv_cache"], micro["per_token"]) == (32768, 576)
+    gen = me.estimate(arch, "grpo", "qlora", "bfloat16", 8, 10, 6, True, lora_r=4, generation_batch_size=4)
+    assert gen["kv_cache"] == 32768 / 2  # 4 of the 8 sequences per generate call
     full = me.estimate(arch, "grpo", "full", "bfloat16", 8, 10, 6, checkpointing=False, beta=0.01)
     assert full["weights"] == 2 * 80448 * 2 and full["trainable"] == 80448 * 6  # reference copy; grad + AdamW
     assert full["activations"] == 8 * 16 * 2 * 960 * 2

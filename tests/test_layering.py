@@ -26,11 +26,12 @@ LAYERS: dict[str, str] = {
     "policy": PRIMITIVES, "generation": PRIMITIVES, "logprobs": PRIMITIVES, "answers": PRIMITIVES,
     "rouge": PRIMITIVES, "prompting": PRIMITIVES, "rollout": PRIMITIVES, "guards": PRIMITIVES,
     "checkpointing": PRIMITIVES, "jsonio": PRIMITIVES,
-    "grpo": ALGORITHMS, "rewards": ALGORITHMS,
+    "grpo": ALGORITHMS, "micro_batch": ALGORITHMS, "grpo_step": ALGORITHMS, "rewards": ALGORITHMS,
     "metrics": EVALUATION, "eval_suite": EVALUATION, "evaluator": EVALUATION,
     "sft": MODULES, "grpo_module": MODULES, "eval_report": MODULES, "eval_module": MODULES,
     "tracking": COMMANDS, "validation": COMMANDS, "lightning_cli": COMMANDS, "report_rows": COMMANDS,
     "plots": COMMANDS, "report": COMMANDS, "paired": COMMANDS, "prepare": COMMANDS, "pipeline": COMMANDS, "cli": COMMANDS,
+    "__main__": COMMANDS,
 }
 #: Core modules that may import datamodules / callbacks (they assemble a whole job).
 ASSEMBLERS = {"cli", "prepare", "pipeline"}

@@ -1,0 +1,10 @@
+"""``python -m rerule_lightning``: the ``rerule`` command (:func:`rerule_lightning.cli.main`)."""
+
+from __future__ import annotations
+
+import sys
+
+from rerule_lightning.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
