@@ -26,9 +26,9 @@ LAYERS: dict[str, str] = {
     "policy": PRIMITIVES, "generation": PRIMITIVES, "logprobs": PRIMITIVES, "answers": PRIMITIVES,
     "rouge": PRIMITIVES, "prompting": PRIMITIVES, "rollout": PRIMITIVES, "guards": PRIMITIVES,
     "checkpointing": PRIMITIVES, "jsonio": PRIMITIVES,
-    "grpo": ALGORITHMS, "rewards": ALGORITHMS,
+    "grpo": ALGORITHMS, "rewards": ALGORITHMS, "unlearning": ALGORITHMS,
     "metrics": EVALUATION, "eval_suite": EVALUATION, "evaluator": EVALUATION,
-    "sft": MODULES, "grpo_module": MODULES, "eval_report": MODULES, "eval_module": MODULES,
+    "sft": MODULES, "grpo_module": MODULES, "loss_module": MODULES, "eval_report": MODULES, "eval_module": MODULES,
     "tracking": COMMANDS, "validation": COMMANDS, "lightning_cli": COMMANDS, "report_rows": COMMANDS,
     "plots": COMMANDS, "report": COMMANDS, "paired": COMMANDS, "prepare": COMMANDS, "pipeline": COMMANDS, "cli": COMMANDS,
 }
