@@ -4,8 +4,9 @@
 It wraps a ``benchmark`` datamodule (the embedded :class:`datamodules.forget_retain.ForgetRetainDataModule`, or a
 real benchmark's :class:`datamodules.benchmarks.base.BenchmarkDataModule`: TOFU, MUSE) and takes from it:
 
-* the forget items: every forget fact of the embedded world (its canonical question and answer; ``forget_rows:
-  all``, the usual baseline setting) or the benchmark's RL forget prompts with their references (``pool``);
+* the forget items (``forget_rows: all``, the usual baseline setting): every forget fact of the embedded world
+  (its canonical question and answer), every question-answer pair of TOFU's forget split, every (prefix,
+  continuation) window of MUSE's raw forget corpus; or only the RL pool's forget prompts (``pool``);
 * the retain items: the RL pool's boundary prompts with their reference answers (what RULE trains on as
   allowed questions);
 * a refusal for each forget item (IdkDPO's preferred answer): the embedded world's refusal template naming the
@@ -92,8 +93,8 @@ class PairedUnlearningDataModule(L.LightningDataModule):
         benchmark: The datamodule whose data is used (nested ``class_path`` / ``init_args``):
             ``datamodules.ForgetRetainDataModule``, ``datamodules.TOFUDataModule``, ``datamodules.MUSEDataModule``.
         batch_size: Forget items per step (each paired with one retain item).
-        forget_rows: ``all`` (embedded world only: every forget fact, canonical question) or ``pool`` (the RL
-            pool's forget prompts).
+        forget_rows: ``all`` (every forget fact / QA pair / text window) or ``pool`` (the RL pool's forget
+            prompts only).
         idk_answer: Refusal used for IdkDPO where the data has none of its own.
         seed: Seed of the forget order, the retain draws and the refusal templates.
     """
@@ -156,20 +157,59 @@ class PairedUnlearningDataModule(L.LightningDataModule):
             return
         h = self.hparams
         world = getattr(bench, "world", None)
-        if h.forget_rows == "all" and world is None:
-            raise ValueError(f"data.forget_rows='all' needs the embedded world (ForgetRetainDataModule); "
-                             f"{type(bench).__name__} takes data.forget_rows: pool")
         refusal = self._refusals(world)
-        if h.forget_rows == "all":
-            forget = [{"id": r["id"], "prompt": format_prompt(r["question"]), "question": r["question"],
-                       "answer": r["answer"], "target": r["author"]} for r in world["forget"]]
-        else:
-            forget = [{**r, "answer": r["reference"]} for r in bench.pool if r["label"] == "forget"]
+        forget = self._forget_rows(world) if h.forget_rows == "all" else self._pool_forget()
         self.forget = [{**r, "idk": refusal(r)} for r in forget]
         self.retain = [{**r, "answer": r["reference"]} for r in bench.pool if r["label"] == "boundary"]
         if not self.forget or not self.retain:
             raise ValueError(f"data.benchmark: {len(self.forget)} forget and {len(self.retain)} retain items; "
                              "the paired baselines need both")
+
+    def _forget_rows(self, world: Any) -> list[dict]:
+        """Every forget item with its answer: the embedded world's facts (canonical question), TOFU's forget
+        split, or every (prefix, continuation) window of MUSE's raw forget corpus."""
+        bench = self.benchmark
+        if world is not None:
+            return [{"id": r["id"], "prompt": format_prompt(r["question"]), "question": r["question"],
+                     "answer": r["answer"], "target": r["author"]} for r in world["forget"]]
+        raw = getattr(bench, "raw", None) or {}
+        if "raw/forget" in raw:  # MUSE: the forget text itself, cut as the RL prompts are
+            from datamodules.benchmarks.muse import cut_windows
+
+            b = bench.hparams
+            rows = [{"id": f"forget-{w['doc']}-{w['start']}", "question": w["prefix"], "answer": w["continuation"],
+                     "target": bench.target_name, "style": "completion"}
+                    for w in cut_windows([r["text"] for r in raw["raw/forget"]], b.prefix_words,
+                                         b.continuation_words)]
+        elif "forget" in raw:  # TOFU: the forget split's question-answer pairs
+            rows = [{"id": f"forget/{i}", "question": r["question"], "answer": r["answer"],
+                     "target": self._tofu_author(i)} for i, r in enumerate(raw["forget"])]
+        else:
+            raise ValueError(f"data.forget_rows='all': {type(bench).__name__} has no forget answers this module "
+                             "knows (embedded world, TOFU, MUSE); use data.forget_rows: pool")
+        render = getattr(bench, "_render", None) or bench._render_row  # MUSE renders by row style
+        return [{**r, "prompt": render({**r, "prompt": None})["prompt"]} for r in rows]
+
+    def _tofu_author(self, i: int) -> str:
+        names = {j: a["name"] for a in self.benchmark.authors(self.benchmark.raw["forget"]) for j in a["rows"]}
+        return names.get(i, "")
+
+    def _pool_forget(self) -> list[dict]:
+        """The RL pool's forget prompts with answers: their reference, else the forget row with the same
+        question (TOFU) or the window's continuation (MUSE)."""
+        rows = [r for r in self.benchmark.pool if r["label"] == "forget"]
+        known: dict[str, str] = {}
+        if any(not r["reference"] for r in rows):
+            world = getattr(self.benchmark, "world", None)
+            try:
+                known = {normalise_question(r["question"]): r["answer"] for r in self._forget_rows(world)}
+            except ValueError:
+                known = {}
+        out = [{**r, "answer": r["reference"] or known.get(normalise_question(r["question"]), "")} for r in rows]
+        missing = [r["id"] for r in out if not r["answer"]]
+        if missing:
+            raise ValueError(f"data.forget_rows='pool': no answer for forget prompt(s) {missing[:3]}")
+        return out
 
     def _refusals(self, world: Any) -> Callable[[dict], str]:
         """Refusal answer per forget row: embedded templates naming the author, a benchmark's pairs, else

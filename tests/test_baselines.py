@@ -149,3 +149,34 @@ def test_bad_baseline_arguments_fail_before_any_work(tiny_prepared: dict, tmp_pa
     assert "rerule: error:" in err and "beta=0" in err
     assert main(_args(config, tiny_prepared, tmp_path, "--model.init_args.method", "nope")) == 2
     assert "method" in capsys.readouterr().err
+
+
+def test_tofu_and_muse_baseline_yamls_fit_two_steps_on_the_fixtures(tiny_chat_model: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    fixtures, bench = ROOT / "tests" / "fixtures", "--data.init_args.benchmark.init_args."
+    common = ["--model.init_args.policy.name_or_path", tiny_chat_model, "--model.init_args.policy.tokenizer",
+              tiny_chat_model, "--model.init_args.policy.dtype", "float32", "--model.init_args.eval_reference", "null",
+              "--model.init_args.export_dir", str(tmp_path / "export"), "--data.init_args.batch_size", "2",
+              "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.default_root_dir",
+              str(tmp_path / "logs"), f"{bench}tokenizer", tiny_chat_model, *QUIET]
+    tofu = lightning_main(["fit", "--config", str(ROOT / "configs" / "baselines" / "tofu_npo.yaml"), *common,
+                           "--model.init_args.policy.gradient_checkpointing", "false",
+                           f"{bench}source", str(fixtures / "tofu"), f"{bench}rows_per_author", "3"])
+    dm = tofu.datamodule
+    assert tofu.trainer.global_step == 2 and dm.hparams.forget_rows == "all"
+    raw_forget = dm.benchmark.raw["forget"]
+    assert [(r["question"], r["answer"]) for r in dm.forget] == [(r["question"], r["answer"]) for r in raw_forget]
+    assert all(r["target"] and r["target"] in r["idk"] for r in dm.forget)  # the refusal names the author
+    assert all(r["prompt"].startswith("User: ") for r in dm.forget)  # the benchmark's chat rendering
+    muse = lightning_main(["fit", "--config", str(ROOT / "configs" / "baselines" / "muse_books_npo.yaml"), *common,
+                           f"{bench}source", str(fixtures / "muse_books"), f"{bench}prefix_words", "8",
+                           f"{bench}continuation_words", "6"])
+    dm = muse.datamodule
+    assert muse.trainer.global_step == 2 and muse.model.policy_cfg.peft == "qlora"
+    # raw format: the prompt is the window's prefix verbatim, the answer its continuation
+    assert dm.forget and all(r["prompt"] == r["question"] and len(r["answer"].split()) == 6 for r in dm.forget)
+    # windows that are RL prompts get the benchmark's own refusal naming the corpus, the others idk_answer
+    assert {r["idk"] for r in dm.forget} <= {p["completion"] for p in dm.benchmark.refusal_pairs(dm.benchmark.raw)} | {
+        dm.hparams.idk_answer}
+    assert any(dm.benchmark.target_name in r["idk"] for r in dm.forget)
