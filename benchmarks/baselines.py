@@ -273,6 +273,18 @@ def write_outputs(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, n) for n in ("table.md", "table.csv", "selection.md")]
 
 
+def pareto_report(args: argparse.Namespace) -> list[str]:
+    """``rerule report`` over the benchmark's MLflow runs: one row per method (mean over seeds), the Pareto plot of
+    forget removal (1 − forget answer accuracy) against same-family accuracy, under ``<output_dir>/report``."""
+    from rerule_lightning.report import report
+
+    out = report(tracking_uri=args.tracking_uri, experiment=args.experiment, group_by="rerule.variant",
+                 filter="tags.`rerule.stage` = 'eval'", metrics=[k for _, k in COLUMNS],
+                 pareto_x="1-forget/answer_accuracy", pareto_y="boundary_hard/answer_accuracy",
+                 output_dir=os.path.join(args.output_dir, "report"), log_run=True)
+    return list(out["files"])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -307,7 +319,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.analyse_only:
-        print("\n".join(write_outputs(args.output_dir)))
+        print("\n".join(write_outputs(args.output_dir) + pareto_report(args)))
         return 0
     from rerule_lightning.cli import main as cli_main
     from rerule_lightning.lightning_cli import pin_threads
@@ -330,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.references:
             bench.references(args.references, args.seeds)
     print(f"baselines: {time.perf_counter() - t0:.0f} s of training and evaluation", file=sys.stderr)
-    print("\n".join(write_outputs(args.output_dir)))
+    print("\n".join(write_outputs(args.output_dir) + pareto_report(args)))
     return 0
 
 

@@ -23,12 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _args(config: Path, tiny: dict, tmp_path: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(config), *extra,
-            "--model.init_args.policy.name_or_path", tiny["links"]["target"],
+    return ["fit", "--config", str(config), "--model.init_args.policy.name_or_path", tiny["links"]["target"],
             "--data.init_args.benchmark.init_args.world_dir", tiny["links"]["world"],
             "--data.init_args.batch_size", "4", "--model.init_args.learning_rate", "0.001",
             "--model.init_args.export_dir", str(tmp_path / "export"), "--trainer.max_steps", "2",
-            "--trainer.default_root_dir", str(tmp_path / "logs"), *QUIET]
+            "--trainer.default_root_dir", str(tmp_path / "logs"), *QUIET, *extra]
 
 
 def _target_state(tiny: dict) -> dict[str, torch.Tensor]:
@@ -180,3 +179,37 @@ def test_tofu_and_muse_baseline_yamls_fit_two_steps_on_the_fixtures(tiny_chat_mo
     assert {r["idk"] for r in dm.forget} <= {p["completion"] for p in dm.benchmark.refusal_pairs(dm.benchmark.raw)} | {
         dm.hparams.idk_answer}
     assert any(dm.benchmark.target_name in r["idk"] for r in dm.forget)
+
+
+def test_a_non_finite_step_leaves_the_weights_and_is_counted(tiny_prepared: dict, tmp_path: Path) -> None:
+    cli = lightning_main(_args(ROOT / "configs" / "baselines" / "graddiff.yaml", tiny_prepared, tmp_path,
+                               "--trainer.max_steps", "1"), run=False)
+    module = cli.model
+    real = module.compute_loss
+
+    def poisoned(batch: dict) -> Any:
+        loss, parts, n_f, n_r = real(batch)
+        return loss * float("nan"), parts, n_f, n_r
+
+    module.compute_loss = poisoned
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    assert module.nonfinite.total == 1 and cli.trainer.global_step == 1
+    assert not _changed(_target_state(tiny_prepared), module.model.state_dict())
+
+
+def test_a_resumed_fit_ends_exactly_where_the_uninterrupted_one_does(tiny_prepared: dict, tmp_path: Path) -> None:
+    config = ROOT / "configs" / "baselines" / "npo.yaml"
+
+    def fit(steps: int, out: str, *extra: str) -> Any:
+        return lightning_main(_args(config, tiny_prepared, tmp_path / out, "--trainer.max_steps", str(steps),
+                                    "--model.init_args.regularizer", "klr", *extra))
+
+    straight = fit(4, "straight")  # 4 steps cross the epoch boundary (3 batches of 4 forget items per pass)
+    first = fit(2, "first")
+    ckpt = tmp_path / "first.ckpt"
+    first.trainer.save_checkpoint(str(ckpt))
+    resumed = fit(4, "resumed", "--ckpt_path", str(ckpt))
+    assert resumed.trainer.global_step == 4
+    a, b = straight.model.model.state_dict(), resumed.model.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.model.tokens == resumed.model.tokens and straight.model.tokens["retain"] > 0
