@@ -148,6 +148,13 @@ def test_bad_baseline_arguments_fail_before_any_work(tiny_prepared: dict, tmp_pa
     assert "rerule: error:" in err and "beta=0" in err
     assert main(_args(config, tiny_prepared, tmp_path, "--model.init_args.method", "nope")) == 2
     assert "method" in capsys.readouterr().err
+    assert main(_args(config, tiny_prepared, tmp_path, "--data.init_args.benchmark.init_args.world_dir",
+                      str(tmp_path / "missing"))) == 2
+    assert f"rerule: error: world directory '{tmp_path / 'missing'}' not found" in capsys.readouterr().err
+    rmu = ROOT / "configs" / "baselines" / "rmu.yaml"
+    assert main(_args(rmu, tiny_prepared, tmp_path, "--model.init_args.rmu_layer", "7")) == 2
+    assert "rmu_layer / rmu_update_layers [7, 5, 6, 7] out of range: the model has 2 blocks" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
 
 
 def test_tofu_and_muse_baseline_yamls_fit_two_steps_on_the_fixtures(tiny_chat_model: str, tmp_path: Path,
