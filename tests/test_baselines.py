@@ -175,17 +175,20 @@ def test_tofu_and_muse_baseline_yamls_fit_two_steps_on_the_fixtures(tiny_chat_mo
     assert [(r["question"], r["answer"]) for r in dm.forget] == [(r["question"], r["answer"]) for r in raw_forget]
     assert all(r["target"] and r["target"] in r["idk"] for r in dm.forget)  # the refusal names the author
     assert all(r["prompt"].startswith("User: ") for r in dm.forget)  # the benchmark's chat rendering
-    muse = lightning_main(["fit", "--config", str(ROOT / "configs" / "baselines" / "muse_books_npo.yaml"), *common,
-                           f"{bench}source", str(fixtures / "muse_books"), f"{bench}prefix_words", "8",
-                           f"{bench}continuation_words", "6"])
-    dm = muse.datamodule
-    assert muse.trainer.global_step == 2 and muse.model.policy_cfg.peft == "qlora"
-    # raw format: the prompt is the window's prefix verbatim, the answer its continuation
-    assert dm.forget and all(r["prompt"] == r["question"] and len(r["answer"].split()) == 6 for r in dm.forget)
-    # windows that are RL prompts get the benchmark's own refusal naming the corpus, the others idk_answer
-    assert {r["idk"] for r in dm.forget} <= {p["completion"] for p in dm.benchmark.refusal_pairs(dm.benchmark.raw)} | {
-        dm.hparams.idk_answer}
-    assert any(dm.benchmark.target_name in r["idk"] for r in dm.forget)
+    for corpus in ("books", "news"):
+        muse = lightning_main(["fit", "--config", str(ROOT / "configs" / "baselines" / f"muse_{corpus}_npo.yaml"),
+                               *common, f"{bench}source", str(fixtures / f"muse_{corpus}"), f"{bench}prefix_words", "8",
+                               f"{bench}continuation_words", "6", "--model.init_args.export_dir",
+                               str(tmp_path / f"export_{corpus}")])
+        dm = muse.datamodule
+        assert muse.trainer.global_step == 2 and muse.model.policy_cfg.peft == "qlora"
+        assert dm.benchmark.hparams.corpus == corpus
+        # raw format: the prompt is the window's prefix verbatim, the answer its continuation
+        assert dm.forget and all(r["prompt"] == r["question"] and len(r["answer"].split()) == 6 for r in dm.forget)
+        # windows that are RL prompts get the benchmark's own refusal naming the corpus, the others idk_answer
+        refusals = {p["completion"] for p in dm.benchmark.refusal_pairs(dm.benchmark.raw)}
+        assert {r["idk"] for r in dm.forget} <= refusals | {dm.hparams.idk_answer}
+        assert any(dm.benchmark.target_name in r["idk"] for r in dm.forget)
 
 
 def test_a_non_finite_step_leaves_the_weights_and_is_counted(tiny_prepared: dict, tmp_path: Path) -> None:
