@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "load_world": "embedded", "train_tokenizer": "embedded",
     "ForgetRetainDataModule": "forget_retain", "BalancedPromptBatches": "forget_retain",
     "EmbeddedSFTDataModule": "sft",
+    "PairedUnlearningDataModule": "paired", "PairedBatches": "paired",
     "BenchmarkDataModule": "benchmarks.base", "SchemaError": "benchmarks.sources", "load_rows": "benchmarks.sources",
     "TOFUDataModule": "benchmarks.tofu", "MUSEDataModule": "benchmarks.muse", "RWKUDataModule": "benchmarks.rwku",
     "RejectionSteeringDataModule": "benchmarks.rs",

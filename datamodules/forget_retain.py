@@ -14,12 +14,14 @@ question paraphrase of every fact; items are dicts of lists (``prompt``, ``quest
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities.parsing import save_hyperparameters
 from torch.utils.data import DataLoader
 
 from datamodules.embedded import load_world
@@ -170,7 +172,9 @@ class ForgetRetainDataModule(PromptPoolLoaders, L.LightningDataModule):
         unknown = [s for s in splits if s not in EVAL_SPLITS]
         if unknown:
             raise ValueError(f"data.eval_splits: unknown split(s) {unknown}; choose from {list(EVAL_SPLITS)}")
-        self.save_hyperparameters()
+        # from this frame, never LightningCLI's instantiation context (nested in PairedUnlearningDataModule that
+        # context holds the outer module's arguments)
+        save_hyperparameters(self, frame=inspect.currentframe())
         self.eval_splits = splits
         #: What is evaluated: every metric on every split, forget quality, MIA forget vs holdout, utility.
         self.eval_suite: EvalSuite = embedded_suite(splits)

@@ -9,9 +9,11 @@ The core is layered; each layer imports only from the layers below it (``tests/t
 
 1. model primitives: ``policy``, ``generation``, ``logprobs``, ``answers`` (refusal detection, fact matching),
    ``rouge``, ``prompting``, ``rollout``, ``guards``, ``checkpointing``, ``jsonio``;
-2. algorithms (``grpo``, ``micro_batch``, ``grpo_step``, ``rewards``) and evaluation (``metrics``, ``eval_suite``, ``evaluator``), siblings
+2. algorithms (``grpo``, ``micro_batch``, ``grpo_step``, ``rewards``, ``unlearning``: the baselines' losses) and
+   evaluation (``metrics``, ``eval_suite``, ``evaluator``), siblings
    that do not import each other;
-3. Lightning modules: ``sft``, ``grpo_module``, ``eval_report`` (evaluation hooks), ``eval_module``;
+3. Lightning modules: ``sft``, ``grpo_module``, ``loss_module`` (the baselines), ``eval_report`` (evaluation
+   hooks), ``eval_module``;
 4. infrastructure and commands: ``tracking``, ``validation``, ``lightning_cli``, ``report_rows``, ``plots``,
    ``report``, ``prepare``, ``pipeline``, ``cli``.
 """
@@ -34,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "NonFiniteError": "guards",
     # algorithms
     "group_advantages": "grpo", "grpo_loss": "grpo", "clipped_surrogate": "grpo", "off_policy_loss": "grpo",
-    "k3_kl": "grpo", "aggregate_loss": "grpo",
+    "k3_kl": "grpo", "aggregate_loss": "grpo", "unlearning": "unlearning",
     "rule_reward": "rewards", "forget_reward": "rewards", "boundary_reward": "rewards",
     "refusal_reward": "rewards", "get_reward_fn": "rewards", "REWARD_FUNCTIONS": "rewards",
     # evaluation
@@ -42,7 +44,7 @@ _EXPORTS: dict[str, str] = {
     "metrics": "metrics",
     # Lightning modules
     "GRPOUnlearningModule": "grpo_module", "SFTModule": "sft", "TinyLlamaConfig": "sft", "EvalModule": "eval_module",
-    "ReferenceItems": "eval_report", "compute_reference": "eval_report",
+    "ReferenceItems": "eval_report", "compute_reference": "eval_report", "LossUnlearningModule": "loss_module",
     # infrastructure and commands
     "ResilientMLFlowLogger": "tracking", "prepare_embedded": "prepare:prepare", "report_runs": "report:report",
     "demo_main": "pipeline",
