@@ -174,7 +174,8 @@ def test_tofu_and_muse_baseline_yamls_fit_two_steps_on_the_fixtures(tiny_chat_mo
     raw_forget = dm.benchmark.raw["forget"]
     assert [(r["question"], r["answer"]) for r in dm.forget] == [(r["question"], r["answer"]) for r in raw_forget]
     assert all(r["target"] and r["target"] in r["idk"] for r in dm.forget)  # the refusal names the author
-    assert all(r["prompt"].startswith("User: ") for r in dm.forget)  # the benchmark's chat rendering
+    # the benchmark's chat rendering, with the system prompt the TOFU targets were fine-tuned with
+    assert all(r["prompt"].startswith("System: You are a helpful assistant.\nUser: ") for r in dm.forget)
     for corpus in ("books", "news"):
         muse = lightning_main(["fit", "--config", str(ROOT / "configs" / "baselines" / f"muse_{corpus}_npo.yaml"),
                                *common, f"{bench}source", str(fixtures / f"muse_{corpus}"), f"{bench}prefix_words", "8",
