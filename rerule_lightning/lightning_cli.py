@@ -371,6 +371,9 @@ def rerule_cli_class() -> type:
                 if isinstance(err, ConfigError) or not is_jsonargparse_error(str(err)):
                     raise
                 raise ConfigError(one_line_error(str(err), self._subcommand_config())) from err
+            from rerule_lightning.interrupts import watch_trainer
+
+            watch_trainer(self.trainer)  # a signal's ending line names its checkpoints
 
         def before_fit(self) -> None:
             preflight(self, "fit")
