@@ -340,6 +340,8 @@ def rerule_cli_class() -> type:
 
         #: ``(path, parameter names -> shapes)`` of a ``--ckpt_path`` file, checked while parsing.
         checkpoint: tuple[str, Mapping[str, Any]] | None = None
+        #: Whether the paths are checked (:func:`~rerule_lightning.paths.check_paths`) before instantiation.
+        check_paths_first: bool = True
 
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.add_argument("--threads", type=int | None, default=None, help=THREADS_HELP)
@@ -361,7 +363,16 @@ def rerule_cli_class() -> type:
             return self.config[self.subcommand] if self.subcommand else self.config
 
         def before_instantiate_classes(self) -> None:
+            from rerule_lightning.knobs import knob_errors, overlay_errors
+            from rerule_lightning.paths import check_paths
+
             cfg = self._subcommand_config()
+            errors = knob_errors(cfg) + overlay_errors(cfg)  # YAML and flags alike, before any class is built
+            if errors:
+                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                raise ConfigError(errors[0] + more if len(errors) > 3 else "; ".join(errors))
+            if self.subcommand and self.check_paths_first:  # before building an MLflow logger opens its database
+                check_paths(cfg, self.subcommand)
             cfg.threads = pin_threads(cfg.get("threads"))  # the logged config says what was used
 
         def instantiate_classes(self) -> None:
@@ -414,6 +425,8 @@ def lightning_main(argv: list[str], run: bool = True) -> Any:
     if not run and argv and argv[0] in _SUBCOMMANDS:
         # LightningCLI(run=False) accepts no subcommand; parse it as run=True would, but skip running it.
         class InstantiateOnlyCLI(cli_class):  # type: ignore[misc, valid-type]
+            check_paths_first = False  # nothing is read or written
+
             def _run_subcommand(self, subcommand: str) -> None:
                 return None
 

@@ -29,7 +29,7 @@ LAYERS: dict[str, str] = {
     "grpo": ALGORITHMS, "rewards": ALGORITHMS,
     "metrics": EVALUATION, "eval_suite": EVALUATION, "evaluator": EVALUATION,
     "sft": MODULES, "grpo_module": MODULES, "eval_report": MODULES, "eval_module": MODULES,
-    "tracking": COMMANDS, "interrupts": COMMANDS, "validation": COMMANDS, "lightning_cli": COMMANDS, "report_rows": COMMANDS,
+    "tracking": COMMANDS, "interrupts": COMMANDS, "knobs": COMMANDS, "paths": COMMANDS, "validation": COMMANDS, "lightning_cli": COMMANDS, "report_rows": COMMANDS,
     "plots": COMMANDS, "report": COMMANDS, "paired": COMMANDS, "prepare": COMMANDS, "pipeline": COMMANDS, "cli": COMMANDS,
 }
 #: Core modules that may import datamodules / callbacks (they assemble a whole job).
