@@ -116,6 +116,7 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]], str]] = [
      r"--trainer\.max_time=abc: expected DD:HH:MM:SS"),
     ("knob_accelerator_missing", "fit", flags("--trainer.accelerator", GPU),
      rf"--trainer\.accelerator={GPU}: no such device on this machine"),
+    ("knob_prepare_hidden_size_0", "prepare-tiny", flags("--model.hidden_size", "0"), r"model\.hidden_size=0: must be >= 1$"),
     ("knob_prepare_context_too_small", "prepare-tiny", flags("--model.max_position_embeddings", "8"),
      r"--model\.max_position_embeddings=8: the world's longest training example has \d+ tokens"),
     # model directories

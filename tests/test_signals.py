@@ -143,3 +143,15 @@ def test_a_signal_during_a_checkpoint_write_ends_with_the_same_line(monkeypatch:
     err = capsys.readouterr().err
     assert err.strip() == "rerule: stopped by SIGINT: no checkpoint was saved, nothing to resume from"
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
+
+
+def test_the_run_is_marked_failed_when_the_logger_cannot_write_its_files(tmp_path: Path) -> None:
+    """``finalize`` must still mark the run when ``run.json`` cannot be written (e.g. the root dir is a file)."""
+    from rerule_lightning.tracking import ResilientMLFlowLogger
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    logger = ResilientMLFlowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", local_dir=str(blocker / "x"))
+    _ = logger.run_id  # the run exists (RUNNING)
+    logger.finalize("failed")
+    assert run_statuses(tmp_path / "mlflow.db") == ["FAILED"]
