@@ -123,6 +123,7 @@ KNOBS: dict[str, dict[str, Range]] = {
     },
     "SFTModule": {"learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_steps": Range(0, integer=True)},
     "EvalModule": {"eval_max_new_tokens": COUNT},
+    "PolicyConfig": {"lora_r": COUNT, "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, hi_open=True)},
     "TinyLlamaConfig": {"hidden_size": COUNT, "num_hidden_layers": COUNT, "num_attention_heads": COUNT,
                         "intermediate_size": COUNT, "max_position_embeddings": COUNT},
     "ReplayCallback": _REPLAY_COMMON,
@@ -145,6 +146,9 @@ KNOBS: dict[str, dict[str, Range]] = {
         **{f"limit_{s}_batches": Range(0, special=NULL) for s in ("train", "val", "test", "predict")},
     },
 }
+
+#: Init arguments that are config dataclasses (no ``class_path``) -> their entry in :data:`KNOBS`.
+NESTED = {"policy": "PolicyConfig", "init": "TinyLlamaConfig"}
 
 _MAX_TIME = re.compile(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}")
 
@@ -201,13 +205,15 @@ def knob_errors(config: Any) -> list[str]:
             for name, rule in rules_for(class_path).items():
                 if name in args and (msg := _check(f"{flag}.{name}", args[name], rule, None)):
                     errors.append(msg)
-        # config dataclasses without class_path (policy, init: TinyLlamaConfig)
+        # config dataclasses without class_path (policy: PolicyConfig, init: TinyLlamaConfig)
         args = _as_dict((_as_dict(cfg.get(key)) or {}).get("init_args")) or {}
-        init = _as_dict(args.get("init"))
-        if isinstance(init, Mapping):
-            for name, rule in KNOBS["TinyLlamaConfig"].items():
-                if name in init and (msg := _check(f"--{key}.init_args.init.{name}", init[name], rule, None)):
-                    errors.append(msg)
+        for arg, cls in NESTED.items():
+            nested = _as_dict(args.get(arg))
+            if isinstance(nested, Mapping):
+                for name, rule in KNOBS[cls].items():
+                    if name in nested and (msg := _check(f"--{key}.init_args.{arg}.{name}", nested[name], rule,
+                                                         None)):
+                        errors.append(msg)
     trainer = _as_dict(cfg.get("trainer")) or {}
     for name, rule in KNOBS["Trainer"].items():
         if name in trainer and (msg := _check(f"--trainer.{name}", trainer[name], rule, None)):
@@ -225,6 +231,9 @@ def trainer_errors(trainer: Mapping[str, Any]) -> list[str]:
     """Trainer values Lightning would reject with a traceback: ``max_time`` and an accelerator this machine
     lacks."""
     errors = []
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices != -1 and devices < 1:
+        errors.append(f"--trainer.devices={devices}: must be -1 (all), >= 1, a list of device ids or auto")
     max_time = trainer.get("max_time")
     if isinstance(max_time, str) and not _MAX_TIME.fullmatch(max_time.strip()):
         errors.append(f"--trainer.max_time={max_time}: expected DD:HH:MM:SS (e.g. 00:12:00:00) or null")

@@ -315,6 +315,9 @@ def function_main(fn: Callable[..., Any], argv: list[str], prog: str | None = No
     """
     from jsonargparse import CLI, ArgumentError
 
+    from rerule_lightning.validation import check_config_files
+
+    check_config_files(argv)  # exists, UTF-8, no key twice
     kwargs: dict[str, Any] = {}
     if "threads" not in inspect.signature(fn).parameters:
         threads, argv = pop_threads(argv)
@@ -367,13 +370,13 @@ def rerule_cli_class() -> type:
             from rerule_lightning.paths import check_paths
 
             cfg = self._subcommand_config()
+            cfg.threads = pin_threads(cfg.get("threads"))  # the logged config says what was used
             errors = knob_errors(cfg) + overlay_errors(cfg)  # YAML and flags alike, before any class is built
             if errors:
                 more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
                 raise ConfigError(errors[0] + more if len(errors) > 3 else "; ".join(errors))
             if self.subcommand and self.check_paths_first:  # before building an MLflow logger opens its database
                 check_paths(cfg, self.subcommand)
-            cfg.threads = pin_threads(cfg.get("threads"))  # the logged config says what was used
 
         def instantiate_classes(self) -> None:
             try:

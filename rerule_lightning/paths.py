@@ -1,5 +1,6 @@
 """Preflight of every path a ``rerule fit | validate | test`` run reads or writes, before any run is created.
 
+* Inputs: the embedded ``world_dir`` exists (its files are checked when it is loaded, before training).
 * Model directories (``policy.name_or_path``, ``reference_path``, ``eval_reference``): ``config.json``
   readable, weights present with readable headers (a safetensors file's header and its declared size, so a
   truncated download fails here, not as a 50-line ``SafetensorError`` after the MLflow run exists), the tokenizer
@@ -225,6 +226,11 @@ def check_paths(config: Any, subcommand: str) -> None:
         if "ModelCheckpoint" in _mro(_get(cb, "class_path") or ""):
             check_output(_get(_get(cb, "init_args"), "dirpath"), "dir",
                          "--trainer.callbacks.init_args.dirpath (ModelCheckpoint)")
+    data = _get(_get(config, "data"), "init_args") or {}
+    world = data.get("world_dir")
+    if isinstance(world, str) and not os.path.isdir(os.path.expanduser(world)):
+        raise FileNotFoundError(f"--data.init_args.world_dir={world!r}: world directory not found. For the "
+                                "embedded world run `rerule prepare --config configs/embedded/prepare.yaml` first.")
     args = _get(_get(config, "model"), "init_args") or {}
     if subcommand == "fit":
         check_output(args.get("export_dir"), "dir", "--model.init_args.export_dir")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -45,8 +46,12 @@ class SFTTrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"target_training.{name}={getattr(self, name)}: must be >= 1")
-        if self.learning_rate <= 0:
-            raise ValueError(f"target_training.learning_rate={self.learning_rate}: must be > 0")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"target_training.learning_rate={self.learning_rate}: must be finite and > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"target_training.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"target_training.weight_decay={self.weight_decay}: must be finite and >= 0")
 
 
 def _hash(*parts: Any) -> str:

@@ -284,5 +284,8 @@ def report_main(argv: list[str]) -> int:
     """``rerule report``: jsonargparse over :func:`report`."""
     from jsonargparse import CLI
 
+    from rerule_lightning.validation import check_config_files
+
+    check_config_files(argv)  # exists, UTF-8, no key twice
     CLI(report, args=argv, as_positional=False)
     return 0

@@ -116,7 +116,10 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]], str]] = [
      r"--trainer\.max_time=abc: expected DD:HH:MM:SS"),
     ("knob_accelerator_missing", "fit", flags("--trainer.accelerator", GPU),
      rf"--trainer\.accelerator={GPU}: no such device on this machine"),
-    ("knob_prepare_hidden_size_0", "prepare-tiny", flags("--model.hidden_size", "0"), r"model\.hidden_size=0: must be >= 1$"),
+    ("knob_prepare_hidden_size_0", "prepare-tiny", flags("--model.hidden_size", "0"),
+     r"model\.hidden_size=0: must be >= 1$"),
+    ("knob_prepare_learning_rate_nan", "prepare", yaml_file("target_training:\n  learning_rate: .nan\n"),
+     r"target_training\.learning_rate=nan: must be finite and > 0$"),
     ("knob_prepare_context_too_small", "prepare-tiny", flags("--model.max_position_embeddings", "8"),
      r"--model\.max_position_embeddings=8: the world's longest training example has \d+ tokens"),
     # model directories
@@ -156,6 +159,8 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]], str]] = [
     ("yaml_duplicate_block", "fit", yaml_file("trainer:\n  max_steps: 2\nmodel:\n  init_args:\n    beta: 0.1\n"
                                               "trainer:\n  log_every_n_steps: 1\n"),
      r"--config \S+bad\.yaml: line 6: duplicate key 'trainer' \(first at line 1\)"),
+    ("yaml_duplicate_key_prepare", "prepare", yaml_file("world:\n  seed: 1\nworld:\n  seed: 2\n"),
+     r"--config \S+bad\.yaml: line 3: duplicate key 'world' \(first at line 1\)"),
     ("yaml_replay_on_sft", "fit-rs", flags("--config", str(HARD_CASE)),
      r"--trainer\.callbacks: HardCaseReplayCallback acts on a GRPOUnlearningModule's rollouts, but the model is "
      r"SFTModule: it would do nothing"),

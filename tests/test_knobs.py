@@ -47,6 +47,15 @@ def test_the_messages_name_the_flag_the_value_and_the_range() -> None:
         "(HardCaseReplayCallback)"]
 
 
+def test_nested_config_dataclasses_and_trainer_devices() -> None:
+    cfg = config(policy={"name_or_path": "m", "lora_dropout": 1.0}, init={"hidden_size": 0})
+    cfg["trainer"]["devices"] = 0
+    assert knob_errors(cfg) == [
+        "--model.init_args.policy.lora_dropout=1.0: must be in [0, 1)",
+        "--model.init_args.init.hidden_size=0: must be >= 1",
+        "--trainer.devices=0: must be -1 (all), >= 1, a list of device ids or auto"]
+
+
 def test_a_subclass_is_checked_as_its_parent() -> None:
     rules = rules_for("callbacks.HardCaseReplayCallback")
     assert rules["capacity"] == KNOBS["ReplayCallback"]["capacity"] and "quantile" in rules
@@ -57,6 +66,9 @@ def _class(name: str) -> type:
     if name == "Trainer":
         import lightning as L
         return L.Trainer
+    if name == "PolicyConfig":
+        from rerule_lightning.policy import PolicyConfig
+        return PolicyConfig
     if name == "ModelCheckpoint":
         from lightning.pytorch.callbacks import ModelCheckpoint
         return ModelCheckpoint

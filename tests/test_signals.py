@@ -75,7 +75,8 @@ def signal_after_first_checkpoint(cmd: list[str], env: dict[str, str], tmp: Path
         deadline = time.monotonic() + TIMEOUT_S
         while not last.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no checkpoint before the run ended (status {proc.returncode}):\n{log.read_text()[-3000:]}")
+                pytest.fail(f"no checkpoint before the run ended (status {proc.returncode}):\n"
+                            f"{log.read_text()[-3000:]}")
             time.sleep(0.05)
         proc.send_signal(sig)
         status = proc.wait(timeout=TIMEOUT_S)
