@@ -97,4 +97,4 @@ def mark_killed(trainer: Any) -> None:
     for logger in getattr(trainer, "loggers", []) or []:
         if isinstance(logger, MLFlowLogger) and getattr(logger, "_initialized", False):
             with contextlib.suppress(Exception):
-                logger.finalize("killed")
+                logger.finalize("KILLED")  # passed through to MLflow by Lightning's logger too
