@@ -155,9 +155,8 @@ _MAX_TIME = re.compile(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}")
 
 def rules_for(class_path: str) -> dict[str, Range]:
     """The ranges of a class: its own and its bases' entries in :data:`KNOBS` (nearest class wins)."""
-    mro_names = _mro(class_path)  # an unknown class: jsonargparse reports it
     out: dict[str, Range] = {}
-    for n in reversed(mro_names):
+    for n in reversed(mro_names(class_path)):  # an unknown class: jsonargparse reports it
         out.update(KNOBS.get(n, {}))
     return out
 
@@ -256,12 +255,13 @@ CALLBACK_NEEDS: dict[str, str] = {
 }
 
 
-def _mro(class_path: str) -> list[str]:
-    module, _, attr = class_path.rpartition(".")
+def mro_names(class_path: str) -> list[str]:
+    """The names of a ``class_path``'s class and its bases (just its own name when it cannot be imported)."""
+    module, _, attr = str(class_path).rpartition(".")
     try:
         return [c.__name__ for c in getattr(importlib.import_module(module), attr).__mro__]
     except Exception:  # noqa: BLE001
-        return [class_path.rsplit(".", 1)[-1]]
+        return [str(class_path).rsplit(".", 1)[-1]]
 
 
 def overlay_errors(config: Any) -> list[str]:
@@ -271,10 +271,10 @@ def overlay_errors(config: Any) -> list[str]:
     model_path = str(model.get("class_path") or "") if isinstance(model, Mapping) else ""
     if not model_path:
         return []
-    model_mro = _mro(model_path)
+    model_mro = mro_names(model_path)
     errors = []
     for _, class_path, _ in _components((_as_dict(cfg.get("trainer")) or {}).get("callbacks"), "--trainer.callbacks"):
-        for base in _mro(class_path):
+        for base in mro_names(class_path):
             need = CALLBACK_NEEDS.get(base)
             if need is not None and need not in model_mro:
                 errors.append(f"--trainer.callbacks: {class_path.rsplit('.', 1)[-1]} acts on a {need}'s rollouts, "

@@ -24,6 +24,7 @@ import struct
 import tempfile
 from typing import Any
 
+from rerule_lightning.knobs import mro_names
 from rerule_lightning.policy import looks_local
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
@@ -178,6 +179,8 @@ def check_tracking_uri(uri: Any, flag: str = "--trainer.logger.init_args.trackin
                                 "choose another database)")
     if os.path.isdir(db):
         raise ValueError(f"{flag}={uri}: {db} is a directory, expected a database file")
+    if os.path.isfile(db) and not os.access(db, os.R_OK | os.W_OK):
+        raise ValueError(f"{flag}={uri}: the database {db} is not readable and writable")
     problem = output_problem(db, "file")
     if problem:
         raise ValueError(f"{flag}={uri}: the database {problem}")
@@ -188,23 +191,13 @@ def _get(node: Any, key: str) -> Any:
     return node.get(key) if isinstance(node, dict) else None
 
 
-def _mro(class_path: str) -> list[str]:
-    import importlib
-
-    module, _, attr = str(class_path).rpartition(".")
-    try:
-        return [c.__name__ for c in getattr(importlib.import_module(module), attr).__mro__]
-    except Exception:  # noqa: BLE001 - jsonargparse reports an unknown class
-        return [str(class_path).rsplit(".", 1)[-1]]
-
-
 def check_logger_config(trainer: Any) -> None:
     """The tracking URI of every MLflow logger in a parsed ``trainer`` config, before the loggers are built
     (``MLFlowLogger.__init__`` already opens, and creates, a sqlite database with its directories)."""
     node = _get(trainer, "logger")
     for logger in node if isinstance(node, (list, tuple)) else [node]:
         args = _get(logger, "init_args")
-        if isinstance(args, dict) and "MLFlowLogger" in _mro(_get(logger, "class_path") or ""):
+        if isinstance(args, dict) and "MLFlowLogger" in mro_names(_get(logger, "class_path") or ""):
             check_tracking_uri(args.get("tracking_uri"))
 
 
@@ -223,7 +216,7 @@ def check_paths(config: Any, subcommand: str) -> None:
     check_output(_get(trainer, "default_root_dir"), "dir", "--trainer.default_root_dir")
     callbacks = _get(trainer, "callbacks") or []
     for cb in callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]:
-        if "ModelCheckpoint" in _mro(_get(cb, "class_path") or ""):
+        if "ModelCheckpoint" in mro_names(_get(cb, "class_path") or ""):
             check_output(_get(_get(cb, "init_args"), "dirpath"), "dir",
                          "--trainer.callbacks.init_args.dirpath (ModelCheckpoint)")
     data = _get(_get(config, "data"), "init_args") or {}
