@@ -46,8 +46,36 @@ def main(argv: list[str] | None = None) -> Any:
     exit status 2 instead of a traceback; set
     ``RERULE_DEBUG=1`` to see the traceback (also for such an error raised later, during training). A fit
     stopped by the non-finite guard (:class:`rerule_lightning.guards.NonFiniteError`, after training started
-    and its last good state was checkpointed) is reported the same way with exit status 1.
+    and its last good state was checkpointed) is reported the same way with exit status 1. SIGTERM and SIGINT
+    end the command with status 143 / 130 and one line naming the last checkpoint
+    (:mod:`rerule_lightning.interrupts`), the MLflow run marked ``KILLED``.
     """
+    from rerule_lightning.interrupts import watch_signals
+
+    with watch_signals():
+        try:
+            return _main(argv)
+        except BaseException as err:
+            ended = _signal_ending(err)
+            if ended is None:
+                raise
+            return ended
+
+
+def _signal_ending(err: BaseException) -> int | None:  # noqa: ARG001 - any exception, once a signal arrived
+    """After SIGTERM / SIGINT, whatever it interrupted: the one line and exit status (143 / 130)."""
+    from rerule_lightning import interrupts
+
+    name = interrupts.received()
+    if name is None or os.environ.get("RERULE_DEBUG"):
+        return None
+    trainer = interrupts._state["trainer"]
+    interrupts.mark_killed(trainer)
+    print(interrupts.ending_line(name, trainer), file=sys.stderr, flush=True)
+    return interrupts.EXIT_STATUS[name]
+
+
+def _main(argv: list[str] | None) -> Any:
     try:
         return _dispatch(argv)
     except (ValueError, FileNotFoundError) as err:

@@ -323,6 +323,9 @@ def function_main(fn: Callable[..., Any], argv: list[str], prog: str | None = No
     """
     from jsonargparse import CLI, ArgumentError
 
+    from rerule_lightning.validation import check_config_files
+
+    check_config_files(argv)  # exists, UTF-8, no key twice
     kwargs: dict[str, Any] = {}
     if "threads" not in inspect.signature(fn).parameters:
         threads, argv = pop_threads(argv)
@@ -348,6 +351,8 @@ def rerule_cli_class() -> type:
 
         #: ``(path, parameter names -> shapes)`` of a ``--ckpt_path`` file, checked while parsing.
         checkpoint: tuple[str, Mapping[str, Any]] | None = None
+        #: Whether the paths are checked (:func:`~rerule_lightning.paths.check_paths`) before instantiation.
+        check_paths_first: bool = True
 
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.add_argument("--threads", type=int | None, default=None, help=THREADS_HELP)
@@ -369,8 +374,17 @@ def rerule_cli_class() -> type:
             return self.config[self.subcommand] if self.subcommand else self.config
 
         def before_instantiate_classes(self) -> None:
+            from rerule_lightning.knobs import knob_errors, overlay_errors
+            from rerule_lightning.paths import check_paths
+
             cfg = self._subcommand_config()
             cfg.threads = pin_threads(cfg.get("threads"))  # the logged config says what was used
+            errors = knob_errors(cfg) + overlay_errors(cfg)  # YAML and flags alike, before any class is built
+            if errors:
+                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                raise ConfigError(errors[0] + more if len(errors) > 3 else "; ".join(errors))
+            if self.subcommand and self.check_paths_first:  # before building an MLflow logger opens its database
+                check_paths(cfg, self.subcommand)
 
         def instantiate_classes(self) -> None:
             try:
@@ -379,6 +393,9 @@ def rerule_cli_class() -> type:
                 if isinstance(err, ConfigError) or not is_jsonargparse_error(str(err)):
                     raise
                 raise ConfigError(one_line_error(str(err), self._subcommand_config())) from err
+            from rerule_lightning.interrupts import watch_trainer
+
+            watch_trainer(self.trainer)  # a signal's ending line names its checkpoints
 
         def before_fit(self) -> None:
             preflight(self, "fit")
@@ -419,6 +436,8 @@ def lightning_main(argv: list[str], run: bool = True) -> Any:
     if not run and argv and argv[0] in _SUBCOMMANDS:
         # LightningCLI(run=False) accepts no subcommand; parse it as run=True would, but skip running it.
         class InstantiateOnlyCLI(cli_class):  # type: ignore[misc, valid-type]
+            check_paths_first = False  # nothing is read or written
+
             def _run_subcommand(self, subcommand: str) -> None:
                 return None
 

@@ -187,7 +187,12 @@ def demo(seeds: list[int] | None = None, preset: str = "hard", rule_steps: int =
 
     if preset not in ("easy", "hard"):
         raise ValueError(f"--preset={preset!r}: choose 'easy' or 'hard'")
+    if isinstance(rule_steps, bool) or not isinstance(rule_steps, int) or rule_steps < 1:
+        raise ValueError(f"--rule_steps={rule_steps}: must be >= 1 (0 trains nothing: the RULE and ReRULE rows "
+                         "would equal rejection steering)")
     seeds = [0] if seeds is None else list(seeds)
+    if not seeds:
+        raise ValueError("--seeds=[]: give at least one seed, e.g. [0]")
     replay = ["hard_case"] if replay is None else list(replay)
     unknown = [r for r in replay if r not in REPLAY_OVERLAYS]
     if unknown:

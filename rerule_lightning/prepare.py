@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -45,8 +46,12 @@ class SFTTrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"target_training.{name}={getattr(self, name)}: must be >= 1")
-        if self.learning_rate <= 0:
-            raise ValueError(f"target_training.learning_rate={self.learning_rate}: must be > 0")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"target_training.learning_rate={self.learning_rate}: must be finite and > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"target_training.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"target_training.weight_decay={self.weight_decay}: must be finite and >= 0")
 
 
 def _hash(*parts: Any) -> str:
@@ -105,6 +110,31 @@ def train_sft_model(world_dir: str, tokenizer_dir: str, out_dir: str, mode: str,
                         enable_checkpointing=False, enable_progress_bar=progress, callbacks=callbacks,
                         enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
+
+
+def check_context(world_dir: str, tokenizer_dir: str, model_cfg: TinyLlamaConfig) -> None:
+    """Before training: the model's context holds the world's longest SFT example (target and rejection
+    steering), so a too-small ``--model.max_position_embeddings`` fails in seconds, not after training.
+
+    Raises:
+        ValueError: Naming the flag, the longest example's length and the smallest value that fits.
+    """
+    from transformers import AutoTokenizer
+
+    from datamodules.embedded import load_world, sft_pairs
+    from rerule_lightning.prompting import tokenize_pair
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    world = load_world(world_dir)
+    longest, where = 0, ""
+    for mode in ("target", "rejection_steering"):
+        for pair in sft_pairs(world, mode, seed=0):
+            n = len(tokenize_pair(tok, pair["prompt"], pair["completion"], 1 << 30)["input_ids"])
+            if n > longest:
+                longest, where = n, pair["prompt"]
+    if longest > model_cfg.max_position_embeddings:
+        raise ValueError(f"--model.max_position_embeddings={model_cfg.max_position_embeddings}: the world's longest "
+                         f"training example has {longest} tokens ({where[:60]!r}...); use at least {longest}")
 
 
 def accuracy_report(model_dir: str, world_dir: str, splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -181,6 +211,8 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
 
     step("world", lambda d: save_world(world, d))
     step("tokenizer", lambda d: train_tokenizer(world_texts(generate_world(world)), d, vocab_size))
+    if not all(os.path.isdir(paths[s]) for s in ("target", "retain")):
+        check_context(paths["world"], paths["tokenizer"], model)
     for stage in ("target", "retain"):
         step(stage, lambda d, s=stage: train_sft_model(paths["world"], paths["tokenizer"], d, s, model,
                                                        target_training, progress))

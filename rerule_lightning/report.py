@@ -199,6 +199,20 @@ def write_report(rows: list[Row], units: list[Unit], metrics: list[str], output_
     return [os.path.join(output_dir, "report.md"), os.path.join(output_dir, "report.csv"), *pngs]
 
 
+def check_metrics(runs: list[Any], chosen: dict[str, list[str]]) -> None:
+    """Every metric a flag names is logged by at least one selected run (else an empty plot or column).
+
+    Raises:
+        ValueError: Naming the flag, the metric and the metrics the runs have.
+    """
+    known = sorted({k for r in runs for k in r.final})
+    for flag, names in chosen.items():
+        missing = [m for m in names if m not in known]
+        if missing:
+            shown = ", ".join(known[:40]) + (f" ... ({len(known)} in all)" if len(known) > 40 else "")
+            raise ValueError(f"{flag}={','.join(missing)}: no selected run logged this metric; choose from: {shown}")
+
+
 def report(tracking_uri: str = "sqlite:///mlflow.db", experiment: str | list[str] | None = None,
            run_ids: str | list[str] | None = None, filter: str | None = None,  # noqa: A002
            group_by: str | list[str] | None = None, metrics: str | list[str] | None = None,
@@ -233,6 +247,7 @@ def report(tracking_uri: str = "sqlite:///mlflow.db", experiment: str | list[str
     client = open_store(tracking_uri)
     axes = [s.removeprefix("1-") for s in (pareto_x, pareto_y)]
     runs = fetch_runs(client, experiments, ids, filter, list(dict.fromkeys([*CURVE_METRICS, *axes])))
+    check_metrics(runs, {"--pareto_x": [axes[0]], "--pareto_y": [axes[1]], "--metrics": _as_list(metrics)})
     units = build_units(runs, merge_by)
     rows = build_rows(units, list(dict.fromkeys([*cols, *axes])), groups or None)
     title = f"rerule report: {', '.join(experiments) or 'selected runs'}"
@@ -269,5 +284,8 @@ def report_main(argv: list[str]) -> int:
     """``rerule report``: jsonargparse over :func:`report`."""
     from jsonargparse import CLI
 
+    from rerule_lightning.validation import check_config_files
+
+    check_config_files(argv)  # exists, UTF-8, no key twice
     CLI(report, args=argv, as_positional=False)
     return 0

@@ -53,6 +53,15 @@ class TinyLlamaConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 128
 
+    def __post_init__(self) -> None:
+        errors = [f"model.{k}={getattr(self, k)}: must be >= 1" for k in ("hidden_size", "num_hidden_layers",
+                  "num_attention_heads", "intermediate_size", "max_position_embeddings") if getattr(self, k) < 1]
+        if not errors and self.hidden_size % self.num_attention_heads:
+            errors.append(f"model.hidden_size={self.hidden_size}: must be a multiple of model.num_attention_heads="
+                          f"{self.num_attention_heads}")
+        if errors:
+            raise ValueError("; ".join(errors))
+
     def build(self, tokenizer: Any) -> torch.nn.Module:
         """A randomly initialised ``LlamaForCausalLM`` for ``tokenizer``'s vocabulary."""
         from transformers import LlamaConfig, LlamaForCausalLM

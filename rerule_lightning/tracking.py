@@ -200,7 +200,8 @@ class ResilientMLFlowLogger(MLFlowLogger):
     Lightning's default ``checkpoints/`` folder). When a call to the server fails, the logger warns once,
     stops contacting the server for the rest of the run (training goes on) and prints the command that
     re-logs the CSV (:func:`relog_metrics`). ``finalize`` records the status in ``run.json`` next to the CSV
-    and marks the MLflow run ``FINISHED`` or ``FAILED`` when the server answers.
+    (when that directory can be written) and marks the MLflow run ``FINISHED``, ``FAILED`` or ``KILLED`` when
+    the server answers, also when the CSV or ``run.json`` cannot be written.
 
     With a local ``sqlite:///`` store and no ``artifact_location``, an experiment this logger creates keeps
     its artifacts (``config.yaml``, ...) in :func:`default_artifact_location` (``mlartifacts/`` beside the
@@ -292,14 +293,17 @@ class ResilientMLFlowLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         final = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status.upper())
         if self._initialized:  # a run that never reached the server has nothing to re-log
-            os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
-            with open(os.path.join(os.path.dirname(self.csv_path), "run.json"), "w", encoding="utf-8") as f:
-                json.dump({"run_id": self._run_id, "experiment_id": self._experiment_id,
-                           "tracking_uri": self._tracking_uri, "status": final,
-                           "mlflow_outage": self.offline_reason}, f, indent=2)
+            try:
+                os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
+                with open(os.path.join(os.path.dirname(self.csv_path), "run.json"), "w", encoding="utf-8") as f:
+                    json.dump({"run_id": self._run_id, "experiment_id": self._experiment_id,
+                               "tracking_uri": self._tracking_uri, "status": final,
+                               "mlflow_outage": self.offline_reason}, f, indent=2)
+            except OSError as err:  # e.g. default_root_dir is a file: the run must still get its status
+                log.warning("Could not write run.json beside %s (%s)", self.csv_path, err)
         if self.offline_reason is None:
             try:
-                super().finalize(status)
+                super().finalize(final)  # FINISHED / FAILED / KILLED
                 return
             except Exception as err:  # noqa: BLE001
                 self._go_offline(f"marking the run {final}", err)

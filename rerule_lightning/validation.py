@@ -243,7 +243,9 @@ def check_checkpoint_model(cli: Any, checkpoint: tuple[str, Mapping[str, Any]] |
 def preflight(cli: Any, subcommand: str) -> None:
     """What the ``rerule fit | validate | test`` CLI checks and sets up before Lightning runs anything.
 
-    In order (the first failure stops; nothing has been trained, written or logged yet, no MLflow run exists):
+    Every path (model directories, tokenizer, outputs, the tracking store) was checked before the classes were
+    built (:func:`rerule_lightning.paths.check_paths`). Then, in order (the first failure stops; nothing has been
+    trained, written or logged yet, no MLflow run exists):
 
     1. every HTTP(S) MLflow tracking server answers (:func:`rerule_lightning.tracking.check_reachable`);
     2. the world files and prompt lengths (:func:`check_grpo_inputs`);
@@ -273,10 +275,11 @@ def preflight(cli: Any, subcommand: str) -> None:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Every ``--config`` file exists and is UTF-8 text (jsonargparse would report neither with the file name).
+    """Every ``--config`` file exists, is UTF-8 text and has no key twice in one mapping (jsonargparse would
+    report none of these with the file name; YAML would keep the last of two keys silently).
 
     Raises:
-        FileNotFoundError, ValueError: Naming the file (and the byte offset of invalid UTF-8).
+        FileNotFoundError, ValueError: Naming the file (and the line / byte offset).
     """
     paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
@@ -290,3 +293,40 @@ def check_config_files(argv: list[str]) -> None:
             line = raw[: e.start].count(b"\n") + 1
             raise ValueError(f"--config {path}: not valid UTF-8 (line {line}, byte {e.start}: "
                              f"{raw[e.start:e.start + 1]!r})") from None
+        dup = duplicate_key(raw.decode("utf-8"))
+        if dup:
+            raise ValueError(f"--config {path}: {dup}")
+
+
+def duplicate_key(text: str) -> str | None:
+    """The first key given twice in one YAML mapping (YAML keeps the last silently: two ``trainer:`` blocks
+    drop the first), as ``line N: duplicate key 'a.b' (first at line M)``; ``None`` if none (or if the text is
+    not YAML: jsonargparse reports that)."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+    def walk(node: Any, where: list[str]) -> str | None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    line = key.start_mark.line + 1
+                    if key.value in seen:
+                        name = ".".join([*where, key.value])
+                        return f"line {line}: duplicate key {name!r} (first at line {seen[key.value]}); merge the two"
+                    seen[key.value] = line
+                found = walk(value, [*where, key.value] if isinstance(key, yaml.ScalarNode) else where)
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                found = walk(item, [*where, str(i)])
+                if found:
+                    return found
+        return None
+
+    return walk(root, [])

@@ -6,8 +6,10 @@ MLflow run at all."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +206,24 @@ def base_args(command: str, env: Env) -> list[str]:
         return ["prepare", "--config", str(PREPARE), "--cache_dir", str(out / "cache"), "--progress", "false"]
     if command == "fit-bare":
         return ["fit", "--trainer.default_root_dir", str(out / "logs")]
+    if command == "prepare-tiny":  # the tiny world, its cached world and tokenizer: nothing new is built
+        from conftest import TINY_MODEL, TINY_WORLD
+
+        sizes = [a for k, v in {**{f"world.{k}": v for k, v in TINY_WORLD.items()},
+                                **{f"model.{k}": v for k, v in TINY_MODEL.items()}}.items() for a in (f"--{k}", str(v))]
+        return ["prepare", "--cache_dir", env.extra["cache_dir"], "--vocab_size", "512", "--progress", "false",
+                "--report", "false", *sizes]
+    if command == "demo":
+        return ["demo", "--output_dir", str(out / "demo"), "--cache_dir", str(out / "cache"),
+                "--tracking_uri", f"sqlite:///{env.tmp / 'mlflow.db'}"]
+    if command == "report":
+        return ["report", "--output_dir", str(out / "report")]
+    if command == "fit-rs":
+        return ["fit", "--config", str(ROOT / "configs" / "embedded" / "rs.yaml"),
+                "--model.init_args.policy.name_or_path", env.target, "--data.init_args.world_dir", env.world,
+                "--data.init_args.tokenizer", env.target, "--model.init_args.export_dir", str(out / "export"),
+                "--trainer.max_steps", "1", "--trainer.default_root_dir", str(out / "logs"),
+                "--trainer.logger.init_args.tracking_uri", f"sqlite:///{env.tmp / 'mlflow.db'}"]
     return [command, "--config", str(RULE),
             "--model.init_args.policy.name_or_path", env.target, "--data.init_args.world_dir", env.world,
             "--data.init_args.batch_size", "2", "--model.init_args.num_generations", "2",
@@ -227,19 +247,33 @@ def run_statuses(db: Path) -> list[str]:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_early_naming_the_culprit(case: tuple, tiny_prepared: dict, real_ckpt: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_fails_early(case, tiny_prepared, real_ckpt, tmp_path, capsys, monkeypatch)
+
+
+def check_fails_early(case: tuple, tiny_prepared: dict, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run one case through ``rerule`` in-process and check how it fails (see the module docstring). With
+    ``$RERULE_BAD_INPUT_TIMES`` set, appends ``case, command, seconds to fail`` to that file (the table of
+    benchmarks/bad_input_times.py)."""
     name, command, build, pattern = case
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RERULE_DEBUG", raising=False)
     links = tiny_prepared["links"]
-    env = Env(world=links["world"], target=links["target"], ckpt=real_ckpt, tmp=tmp_path)
+    env = Env(world=links["world"], target=links["target"], ckpt=ckpt, tmp=tmp_path,
+              extra={"cache_dir": str(Path(tiny_prepared["paths"]["world"]).parent)})
     argv = base_args(command, env)
     extra = build(env)
     argv = argv[:1] + extra + argv[1:] if command == "fit-bare" else argv + extra
     capsys.readouterr()
+    t0 = time.perf_counter()
     try:
         rc = main(argv)
     except SystemExit as e:  # jsonargparse reports parse errors itself, with status 2
         rc = e.code
+    seconds = time.perf_counter() - t0
+    if os.environ.get("RERULE_BAD_INPUT_TIMES"):
+        with open(os.environ["RERULE_BAD_INPUT_TIMES"], "a", encoding="utf-8") as f:
+            f.write(f"{name},{command},{seconds:.3f}\n")
     err = capsys.readouterr().err
     assert rc == 2, f"{name}: exit status {rc}, stderr:\n{err[-2000:]}"
     lines = [ln for ln in err.splitlines() if "error:" in ln]
@@ -274,10 +308,9 @@ def test_debug_keeps_jsonargparse_full_text(tiny_prepared: dict, tmp_path: Path,
     monkeypatch.setenv("RERULE_DEBUG", "1")
     links = tiny_prepared["links"]
     env = Env(world=links["world"], target=links["target"], ckpt=tmp_path / "unused.ckpt", tmp=tmp_path)
-    argv = base_args("fit", env)
-    argv[argv.index("--model.init_args.num_generations") + 1] = "1"
+    argv = base_args("fit", env) + ["--model.init_args.reward", "nope"]  # a constructor's own check
     with pytest.raises(ConfigError) as info:  # raised, not printed: the traceback shows both texts
         main(argv)
-    assert str(info.value) == "--model.init_args.num_generations=1: GRPO needs at least 2 completions per prompt"
+    assert str(info.value).startswith("--model.init_args.reward='nope': unknown reward")
     full = str(info.value.__cause__)
     assert "Does not validate against any of the Union subtypes" in full and "Given value" in full

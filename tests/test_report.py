@@ -155,6 +155,11 @@ def test_report_units_filter_and_no_run(store: str, tmp_path) -> None:
     (["--experiment", "exp", "--filter", "tags.`rerule.variant` = 'Z'"], "no runs match"),
     (["--experiment", "exp", "--filter", "this is not a filter"], "--filter"),
     (["--run_ids", "0123456789abcdef0123456789abcdef"], "no run"),
+    (["--experiment", "exp", "--pareto_x", "unknown_metric"],
+     "--pareto_x=unknown_metric: no selected run logged this metric; choose from: boundary_hard/answer_accuracy, "
+     "forget/refusal_rate, "),
+    (["--experiment", "exp", "--pareto_y", "1-nope"], "--pareto_y=nope: no selected run logged this metric"),
+    (["--experiment", "exp", "--metrics", "[forget/refusal_rate,typo/rate]"], "--metrics=typo/rate: no selected"),
 ])
 def test_report_errors_before_writing(store: str, tmp_path, capsys, args: list[str], message: str) -> None:
     out = tmp_path / "never"
