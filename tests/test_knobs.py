@@ -47,6 +47,17 @@ def test_the_messages_name_the_flag_the_value_and_the_range() -> None:
         "(HardCaseReplayCallback)"]
 
 
+def test_micro_batching_baselines_and_rejection_steering_knobs_are_in_the_table() -> None:
+    assert knob_errors(config(micro_batch_size=0, generation_batch_size=None)) == [
+        "--model.init_args.micro_batch_size=0: must be null (off) or >= 1"]
+    baseline = {"model": {"class_path": "rerule_lightning.LossUnlearningModule",
+                          "init_args": {"beta": 0.0, "learning_rate": math.inf, "retain_weight": 1.0}},
+                "data": {"class_path": "datamodules.PairedUnlearningDataModule", "init_args": {"batch_size": 0}}}
+    assert sorted(knob_errors(baseline)) == ["--data.init_args.batch_size=0: must be >= 1",
+                                             "--model.init_args.beta=0.0: must be finite and > 0",
+                                             "--model.init_args.learning_rate=inf: must be finite and > 0"]
+
+
 def test_nested_config_dataclasses_and_trainer_devices() -> None:
     cfg = config(policy={"name_or_path": "m", "lora_dropout": 1.0}, init={"hidden_size": 0})
     cfg["trainer"]["devices"] = 0
