@@ -25,7 +25,7 @@ import tempfile
 from typing import Any
 
 from rerule_lightning.knobs import mro_names
-from rerule_lightning.policy import looks_local
+from rerule_lightning.policy import looks_local, missing_path_hint
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -82,8 +82,9 @@ def check_model_dir(path: Any, flag: str, weights: bool = True) -> dict[str, Any
         return None
     p = os.path.expanduser(path)
     if not os.path.isdir(p):
-        what = "is a file, expected a model directory" if os.path.isfile(p) else "directory not found"
-        raise FileNotFoundError(f"{flag}={path!r}: {what}")
+        if os.path.isfile(p):
+            raise FileNotFoundError(f"{flag}={path!r}: is a file, expected a model directory")
+        raise FileNotFoundError(f"{flag}={path!r}: directory not found. {missing_path_hint(path)}")
     if not weights:
         return None
     adapter = os.path.isfile(os.path.join(p, "adapter_config.json"))

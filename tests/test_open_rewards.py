@@ -87,10 +87,15 @@ def test_weighted_rewards_skip_none_and_name_bad_entries() -> None:
         build_reward(["rule", "refusal"], [1.0])
 
 
-def test_bad_reward_path_in_yaml_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_reward_path_in_yaml_is_one_line_error(tiny_prepared: dict, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
     overlay = tmp_path / "r.yaml"
     overlay.write_text("model:\n  init_args:\n    reward: [rule_fact, mypkg.rewards:missing]\n")
-    assert main(["fit", "--config", str(RULE), "--config", str(overlay), "--trainer.logger", "false"]) == 2
+    links = tiny_prepared["links"]  # real paths, so that the reward is what the error is about
+    assert main(["fit", "--config", str(RULE), "--config", str(overlay), "--trainer.logger", "false",
+                 "--model.init_args.policy.name_or_path", links["target"], "--data.init_args.world_dir",
+                 links["world"], "--model.init_args.export_dir", "null",
+                 "--trainer.default_root_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("rerule: error:") and "cannot import module 'mypkg.rewards'" in err
 
