@@ -15,7 +15,7 @@ The core is layered; each layer imports only from the layers below it (``tests/t
 3. Lightning modules: ``sft``, ``grpo_module``, ``loss_module`` (the baselines), ``eval_report`` (evaluation
    hooks), ``eval_module``;
 4. infrastructure and commands: ``tracking``, ``validation``, ``knobs`` (numeric ranges), ``paths`` (path
-   preflight), ``interrupts`` (signal endings), ``lightning_cli``, ``report_rows``, ``plots``, ``report``,
+   preflight), ``interrupts`` (signal endings), ``cli_errors``, ``lightning_cli``, ``report_rows``, ``plots``, ``report``,
    ``prepare``, ``pipeline``, ``cli``, ``__main__``.
 """
 

@@ -31,7 +31,7 @@ LAYERS: dict[str, str] = {
     "metrics": EVALUATION, "eval_suite": EVALUATION, "evaluator": EVALUATION,
     "sft": MODULES, "grpo_module": MODULES, "loss_module": MODULES, "eval_report": MODULES, "eval_module": MODULES,
     "tracking": COMMANDS, "interrupts": COMMANDS, "knobs": COMMANDS, "paths": COMMANDS, "validation": COMMANDS,
-    "lightning_cli": COMMANDS, "report_rows": COMMANDS,
+    "cli_errors": COMMANDS, "lightning_cli": COMMANDS, "report_rows": COMMANDS,
     "plots": COMMANDS, "report": COMMANDS, "paired": COMMANDS, "prepare": COMMANDS, "pipeline": COMMANDS, "cli": COMMANDS,
     "__main__": COMMANDS,
 }
