@@ -79,9 +79,13 @@ def missing_path_hint(path: str) -> str:
     parts = os.path.normpath(path).split(os.sep)
     if "runs" in parts[:-1]:
         tail = parts[parts.index("runs") + 1:]
+        if len(tail) >= 2 and tail[0] == "baselines":
+            return (f"It is the export of the baseline {tail[1]!r}: run "
+                    f"`rerule fit --config configs/baselines/{tail[1]}.yaml` first.")
         if len(tail) >= 2 and tail[0] in ("tofu", "muse_books", "muse_news", "rwku"):
-            return (f"It is the export of the {tail[0]} stage {tail[1]!r}: run "
-                    f"`rerule fit --config configs/{tail[0]}/{tail[1]}.yaml` first.")
+            config = (f"configs/{tail[0]}/{tail[1]}.yaml" if tail[1] in ("rs", "rule")
+                      else f"configs/baselines/{tail[0]}_{tail[1]}.yaml")  # e.g. tofu/npo: a baseline
+            return f"It is the export of the {tail[0]} stage {tail[1]!r}: run `rerule fit --config {config}` first."
         if len(tail) == 1 and tail[0] in ("rs", "rule"):
             return (f"It is the export of the embedded stage {tail[0]!r}: run "
                     f"`rerule fit --config configs/embedded/{tail[0]}.yaml` first.")

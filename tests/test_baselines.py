@@ -224,3 +224,21 @@ def test_a_resumed_fit_ends_exactly_where_the_uninterrupted_one_does(tiny_prepar
     a, b = straight.model.model.state_dict(), resumed.model.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight.model.tokens == resumed.model.tokens and straight.model.tokens["retain"] > 0
+
+
+def test_a_missing_export_names_the_config_that_writes_it() -> None:
+    """The hint of a missing model directory points at the shipped config whose ``export_dir`` it is."""
+    import yaml
+
+    from rerule_lightning.policy import missing_path_hint
+
+    checked = []
+    for config in sorted((ROOT / "configs").glob("*/*.yaml")):
+        export = (yaml.safe_load(config.read_text()).get("model") or {}).get("init_args", {}).get("export_dir")
+        if not export or "/runs/" not in export:
+            continue
+        hint = missing_path_hint(export)
+        assert f"`rerule fit --config {config.relative_to(ROOT)}` first." in hint, (config, hint)
+        checked.append(config.parent.name)
+    # embedded rs/rule, 4 benchmarks x rs/rule, 6 embedded baselines and 3 benchmark baselines
+    assert len(checked) == 2 + 8 + 6 + 3 and checked.count("baselines") == 9, checked
