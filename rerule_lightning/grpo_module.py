@@ -59,7 +59,6 @@ counters are in the checkpoint, so a resumed fit continues them exactly.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Literal
 
 import lightning as L
@@ -76,7 +75,7 @@ from rerule_lightning.grpo import (
     kind_signal,
 )
 from rerule_lightning.grpo_step import ClipSettings, micro_batched_iteration, replay_token_loss
-from rerule_lightning.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
+from rerule_lightning.guards import NonFiniteCounter, guarded_optimizer_step
 from rerule_lightning.logprobs import token_logprobs
 from rerule_lightning.micro_batch import chunked_logprobs
 from rerule_lightning.policy import (
@@ -345,16 +344,7 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
                                         num_active_tokens=float(active), extra=extra)
                 stats.update(r_stats)
                 self.manual_backward(loss)  # also with a non-finite loss: under DDP every rank must all-reduce
-            finite = all_finite([loss.detach()]) and grads_finite(self.model.parameters())
-            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
-            self.nonfinite.update(finite)
-            if finite:
-                if h.max_grad_norm > 0:
-                    self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
-            else:
-                self._stop_if_nonfinite_exhausted()
-                opt.zero_grad(set_to_none=True)  # no gradient: step() leaves parameters and AdamW state as they are
-            opt.step()  # counts the step either way, so the batch schedule and sampling seeds stay aligned
+            finite = guarded_optimizer_step(self, opt, loss, h.max_grad_norm)  # clip, or skip a non-finite step
             skipped = skipped or not finite
 
         self.log("train/nonfinite_skipped", float(self.nonfinite.total), on_step=True, on_epoch=False, batch_size=b)
@@ -368,18 +358,6 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
             stats["reward_applicable_mean"] = rewards[applicable].mean() if applicable.any() else rewards.new_zeros(())
         self._log_step(loss, stats, rewards, mask, batch, b)
         return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
-
-    def _stop_if_nonfinite_exhausted(self) -> None:
-        """After ``max_consecutive_nonfinite`` skipped steps in a row: save the last good state and stop."""
-        if not self.nonfinite.exhausted:
-            return
-        cb = self.trainer.checkpoint_callback
-        directory = (cb.dirpath if cb is not None and cb.dirpath else None) or self.trainer.default_root_dir
-        path = os.path.join(directory, "nonfinite_stop.ckpt")
-        message = self.nonfinite.stop_message(path, self.global_step)
-        self.nonfinite.consecutive = 0  # saved so: a run resumed from it starts afresh
-        self.trainer.save_checkpoint(path)  # parameters are those of the last finite step
-        raise NonFiniteError(message)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite"] = self.nonfinite.state_dict()

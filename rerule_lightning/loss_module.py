@@ -25,7 +25,6 @@ trained on, ``train/forget_tokens`` and ``train/retain_tokens`` (restored from c
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Literal
 
 import lightning as L
@@ -34,7 +33,7 @@ import torch
 from rerule_lightning.checkpointing import check_state_dict_matches
 from rerule_lightning.eval_report import EvaluationHooks
 from rerule_lightning.evaluator import UnlearningEvaluator
-from rerule_lightning.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
+from rerule_lightning.guards import NonFiniteCounter, guarded_optimizer_step
 from rerule_lightning.policy import (
     PolicyConfig,
     build_policy,
@@ -269,16 +268,7 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
         loss, parts, n_f, n_r = self.compute_loss(batch)
         opt.zero_grad()
         self.manual_backward(loss)  # also with a non-finite loss: under DDP every rank must all-reduce
-        finite = all_finite([loss.detach()]) and grads_finite(self.model.parameters())
-        finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
-        self.nonfinite.update(finite)
-        if finite:
-            if h.max_grad_norm > 0:
-                self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
-        else:
-            self._stop_if_nonfinite_exhausted()
-            opt.zero_grad(set_to_none=True)  # no gradient: step() leaves parameters and AdamW state as they are
-        opt.step()
+        guarded_optimizer_step(self, opt, loss, h.max_grad_norm)  # clip, or skip a non-finite step
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -292,17 +282,6 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
                       batch_size=b, on_step=True, on_epoch=False)
         self.log("loss", loss.detach(), prog_bar=True, batch_size=b, logger=False)
         return loss.detach()
-
-    def _stop_if_nonfinite_exhausted(self) -> None:
-        if not self.nonfinite.exhausted:
-            return
-        cb = self.trainer.checkpoint_callback
-        directory = (cb.dirpath if cb is not None and cb.dirpath else None) or self.trainer.default_root_dir
-        path = os.path.join(directory, "nonfinite_stop.ckpt")
-        message = self.nonfinite.stop_message(path, self.global_step)
-        self.nonfinite.consecutive = 0
-        self.trainer.save_checkpoint(path)
-        raise NonFiniteError(message)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
