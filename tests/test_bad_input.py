@@ -247,14 +247,15 @@ def run_statuses(db: Path) -> list[str]:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_early_naming_the_culprit(case: tuple, tiny_prepared: dict, real_ckpt: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    check_fails_early(case, tiny_prepared, real_ckpt, tmp_path, capsys, monkeypatch)
+    line = check_fails_early(case, tiny_prepared, real_ckpt, tmp_path, capsys, monkeypatch)
+    assert line.startswith("rerule: error: ") and re.search(case[3], line), line
 
 
 def check_fails_early(case: tuple, tiny_prepared: dict, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                      monkeypatch: pytest.MonkeyPatch) -> None:
+                      monkeypatch: pytest.MonkeyPatch) -> str:
     """Run one case through ``rerule`` in-process and check how it fails (see the module docstring). With
     ``$RERULE_BAD_INPUT_TIMES`` set, appends ``case, command, seconds to fail`` to that file (the table of
-    benchmarks/bad_input_times.py)."""
+    benchmarks/bad_input_times.py). Returns the one error line."""
     name, command, build, pattern = case
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RERULE_DEBUG", raising=False)
@@ -291,6 +292,7 @@ def check_fails_early(case: tuple, tiny_prepared: dict, ckpt: Path, tmp_path: Pa
     assert run_statuses(tmp_path / "mlflow.db") == [], f"{name}: MLflow runs were created"
     assert not list(tmp_path.rglob("config.yaml")), f"{name}: a config.yaml was written"
     assert not (tmp_path / "payload-ran").exists()
+    return lines[0]
 
 
 def test_the_table_is_large_and_covers_every_kind_of_input() -> None:

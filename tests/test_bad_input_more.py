@@ -8,6 +8,7 @@ hence no training step: the run is created when Lightning starts, after every ch
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -176,7 +177,8 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]], str]] = [
 def test_more_bad_input_fails_early_naming_the_culprit(case: tuple, tiny_prepared: dict, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    check_fails_early(case, tiny_prepared, tmp_path / "unused.ckpt", tmp_path, capsys, monkeypatch)
+    line = check_fails_early(case, tiny_prepared, tmp_path / "unused.ckpt", tmp_path, capsys, monkeypatch)
+    assert line.startswith("rerule: error: ") and re.search(case[3], line), line
     assert not Path("/nonexistent/rerule-dir").exists()  # no directories created outside the project
     assert not (tmp_path / "out" / "report").exists()
 
