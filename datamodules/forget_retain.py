@@ -34,7 +34,40 @@ EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_fact
 PROMPT_COLUMNS = ("id", "prompt", "question", "label", "kind", "reference", "target", "value")
 
 
-class BalancedPromptBatches:
+def permuted_index(n: int, k: int, seed: int) -> int:
+    """The ``k``-th row drawn from ``n`` rows in passes, each pass a fresh permutation seeded by ``seed + pass``."""
+    perm_id, idx = divmod(k, n)
+    perm = list(range(n))
+    random.Random(seed + perm_id).shuffle(perm)
+    return perm[idx]
+
+
+class PositionedBatches:
+    """A train iterable whose batch at each position is a pure function of that position (:meth:`batch_at`):
+    one pass serves up to the end of the current ``epoch_length``; ``start_fn`` (when given) sets the position
+    at the start of each pass, so a resumed fit continues exactly where it stopped."""
+
+    epoch_length: int
+    position: int
+    start_fn: Callable[[], int] | None
+
+    def batch_at(self, position: int) -> dict[str, list[Any]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, list[Any]]]:
+        if self.start_fn is not None:
+            self.position = int(self.start_fn())
+        end = (self.position // self.epoch_length + 1) * self.epoch_length
+        while self.position < end:
+            batch = self.batch_at(self.position)
+            self.position += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return self.epoch_length
+
+
+class BalancedPromptBatches(PositionedBatches):
     """Deterministic, resumable, endless stream of balanced prompt batches (a Lightning train iterable).
 
     Args:
@@ -65,13 +98,8 @@ class BalancedPromptBatches:
         self.position = 0  # batches already served (global step of the next batch)
 
     def _draw(self, rows: list[dict], start: int, n: int, salt: int) -> list[dict]:
-        out = []
-        for k in range(start, start + n):
-            perm_id, idx = divmod(k, len(rows))
-            perm = list(range(len(rows)))
-            random.Random(self.seed * 1_000_003 + salt * 7919 + perm_id).shuffle(perm)
-            out.append(rows[perm[idx]])
-        return out
+        seed = self.seed * 1_000_003 + salt * 7919
+        return [rows[permuted_index(len(rows), k, seed)] for k in range(start, start + n)]
 
     def batch_at(self, position: int) -> dict[str, list[Any]]:
         """The batch this rank gets at ``position`` (a pure function of seed, position and rank)."""
@@ -80,18 +108,6 @@ class BalancedPromptBatches:
         random.Random(self.seed + position).shuffle(rows)
         mine = rows[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
         return {c: [r[c] for r in mine] for c in PROMPT_COLUMNS}
-
-    def __iter__(self) -> Iterator[dict[str, list[Any]]]:
-        if self.start_fn is not None:
-            self.position = int(self.start_fn())
-        end = (self.position // self.epoch_length + 1) * self.epoch_length
-        while self.position < end:
-            batch = self.batch_at(self.position)
-            self.position += 1
-            yield batch
-
-    def __len__(self) -> int:
-        return self.epoch_length
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}

@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
 
 from datamodules.benchmarks.base import normalise_question
+from datamodules.forget_retain import PositionedBatches, permuted_index
 from rerule_lightning.prompting import format_prompt
 
 BATCH_COLUMNS = ("forget_id", "forget_prompt", "forget_answer", "forget_idk", "retain_id", "retain_prompt",
                  "retain_answer")
 
 
-class PairedBatches:
+class PairedBatches(PositionedBatches):
     """Deterministic, resumable stream of paired forget / retain batches (a Lightning train iterable).
 
     Args:
@@ -62,28 +63,13 @@ class PairedBatches:
         n = len(self.forget)
         rows = []
         for k in range(position * self.batch_size, (position + 1) * self.batch_size):
-            perm_id, idx = divmod(k, n)
-            perm = list(range(n))
-            random.Random(self.seed * 1_000_003 + perm_id).shuffle(perm)
-            f = self.forget[perm[idx]]
+            f = self.forget[permuted_index(n, k, self.seed * 1_000_003)]
             r = self.retain[random.Random(self.seed * 7_919 + k * 104_729 + 1).randrange(len(self.retain))]
             rows.append((f, r))
         return {"forget_id": [f["id"] for f, _ in rows], "forget_prompt": [f["prompt"] for f, _ in rows],
                 "forget_answer": [f["answer"] for f, _ in rows], "forget_idk": [f["idk"] for f, _ in rows],
                 "retain_id": [r["id"] for _, r in rows], "retain_prompt": [r["prompt"] for _, r in rows],
                 "retain_answer": [r["answer"] for _, r in rows]}
-
-    def __iter__(self) -> Iterator[dict[str, list[Any]]]:
-        if self.start_fn is not None:
-            self.position = int(self.start_fn())
-        end = (self.position // self.epoch_length + 1) * self.epoch_length
-        while self.position < end:
-            batch = self.batch_at(self.position)
-            self.position += 1
-            yield batch
-
-    def __len__(self) -> int:
-        return self.epoch_length
 
 
 class PairedUnlearningDataModule(L.LightningDataModule):
