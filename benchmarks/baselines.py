@@ -37,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.records import RunRecords  # noqa: E402
 from benchmarks.replay import Bench, _evaluate, _lightning, _run_id  # noqa: E402
 
 #: Baseline name -> (config, extra CLI arguments).
@@ -102,29 +103,15 @@ def rule_shares(world_dir: str, seed: int, rl: bool = True) -> dict[str, float]:
     return shares(world_dir, used, used)
 
 
-class Baselines:
+class Baselines(RunRecords):
     """Records, grid selection and final runs of the baselines."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        os.makedirs(args.output_dir, exist_ok=True)
-        self.path = os.path.join(args.output_dir, "results.json")
-        self.runs: list[dict[str, Any]] = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                self.runs = json.load(f)["runs"]
+        super().__init__(args)
         self.tracking = ["--trainer.logger.init_args.tracking_uri", args.tracking_uri,
                          "--trainer.logger.init_args.experiment_name", args.experiment, "--threads", str(args.threads)]
 
-    def find(self, **key: Any) -> dict[str, Any] | None:
-        return next((r for r in self.runs if all(r.get(k) == v for k, v in key.items())), None)
-
-    def save(self, record: dict[str, Any]) -> None:
-        self.runs.append(record)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"settings": vars(self.args), "runs": self.runs}, f, indent=1)
-        os.replace(tmp, self.path)
+    find = RunRecords.record
 
     def fit(self, method: str, seed: int, lr: float, epochs: int, links: str, out: str,
             validate: bool) -> tuple[Any, float]:

@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.records import RunRecords  # noqa: E402
 from benchmarks.replay_analysis import write_outputs  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
@@ -116,36 +117,23 @@ def check_buffer_used(name: str, seed: int, preset: str, curves: dict[str, list[
                            "whole run, so the variant trained exactly as RULE; its admission rule stores nothing here")
 
 
-class Bench:
+class Bench(RunRecords):
     """State of one benchmark run: settings, the record file and the finished runs."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.path = os.path.join(args.output_dir, "results.json")
-        self.runs: list[dict[str, Any]] = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                self.runs = json.load(f)["runs"]
+        super().__init__(args)
         self.links = os.path.join(args.cache_dir, "embedded")
         self.common = ["--trainer.logger.init_args.tracking_uri", args.tracking_uri,
                        "--trainer.logger.init_args.experiment_name", args.experiment,
                        "--data.init_args.world_dir", os.path.join(self.links, "world")]
         if getattr(args, "threads", None) is not None:
             self.common += ["--threads", str(args.threads)]
-        os.makedirs(args.output_dir, exist_ok=True)
         self.timer = os.path.join(args.output_dir, "timer.yaml")
         with open(self.timer, "w") as f:
             f.write(TIMER_OVERLAY)
 
     def find(self, stage: str, seed: int, preset: str | None) -> dict[str, Any] | None:
-        return next((r for r in self.runs if (r["stage"], r["seed"], r["preset"]) == (stage, seed, preset)), None)
-
-    def save(self, record: dict[str, Any]) -> None:
-        self.runs.append(record)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"settings": vars(self.args), "runs": self.runs}, f, indent=1)
-        os.replace(tmp, self.path)
+        return self.record(stage=stage, seed=seed, preset=preset)
 
     def rs(self, seed: int) -> str:
         """The seed's rejection-steered model (trained once, shared by every preset and variant)."""
