@@ -91,7 +91,7 @@ def rule_shares(world_dir: str, seed: int, rl: bool = True) -> dict[str, float]:
     """Facts RS (+ RULE / ReRULE with ``rl``) trained on: RS's refusal and anchor pairs (``configs/embedded/rs.yaml``)
     and the ``hard`` RL pool (60 steps × 16 prompts, 8 forget + 8 boundary, cover every pool prompt)."""
     from datamodules.embedded import load_world, sft_pairs
-    from rerule_lightning.prompting import format_prompt
+    from rerule_lightning.primitives.prompting import format_prompt
 
     w = load_world(world_dir)
     by_prompt = {format_prompt(q): r["id"] for s in ("forget", "boundary_hard", "boundary_easy", "retain",
@@ -158,7 +158,7 @@ class Baselines(RunRecords):
         dm = cli.datamodule
         common = self.tracking + ["--data.init_args.world_dir", os.path.join(links, "world")]
         final, by_group, eval_id = _evaluate(out, out + "_eval", common, os.path.join(links, "retain"))
-        from rerule_lightning.report import tag_unit
+        from rerule_lightning.cli.report import tag_unit
 
         tag_unit(a.tracking_uri, {"fit": fit_id, "eval": eval_id}, method, seed, "hard")
         h = cli.model.hparams
@@ -263,7 +263,7 @@ def write_outputs(output_dir: str) -> list[str]:
 def pareto_report(args: argparse.Namespace) -> list[str]:
     """``rerule report`` over the benchmark's MLflow runs: one row per method (mean over seeds), the Pareto plot of
     forget removal (1 − forget answer accuracy) against same-family accuracy, under ``<output_dir>/report``."""
-    from rerule_lightning.report import report
+    from rerule_lightning.cli.report import report
 
     out = report(tracking_uri=args.tracking_uri, experiment=args.experiment, group_by="rerule.variant",
                  filter="tags.`rerule.stage` = 'eval'", metrics=[k for _, k in COLUMNS],
@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.analyse_only:
         print("\n".join(write_outputs(args.output_dir) + pareto_report(args)))
         return 0
-    from rerule_lightning.cli import main as cli_main
-    from rerule_lightning.lightning_cli import pin_threads
+    from rerule_lightning.cli.commands import main as cli_main
+    from rerule_lightning.cli.lightning_cli import pin_threads
 
     args.threads = pin_threads(args.threads)
     for cache, world in ((args.cache_dir, []), (args.val_cache_dir, args.val_world)):

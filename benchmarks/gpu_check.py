@@ -98,8 +98,8 @@ def run_mode(mode: str, model_dir: str, a: argparse.Namespace) -> dict[str, Any]
     import lightning as L
     import torch
 
-    from rerule_lightning.grpo_module import GRPOUnlearningModule
-    from rerule_lightning.policy import PolicyConfig
+    from rerule_lightning.modules.grpo import GRPOUnlearningModule
+    from rerule_lightning.primitives.policy import PolicyConfig
 
     cuda = torch.cuda.is_available()
     dtype = "bfloat16" if cuda or mode == "qlora" else "float32"
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     a = p.parse_args(argv)
     import torch
 
-    from rerule_lightning.lightning_cli import quiet_libraries
+    from rerule_lightning.cli.lightning_cli import quiet_libraries
 
     quiet_libraries()
 

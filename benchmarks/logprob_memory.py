@@ -34,7 +34,7 @@ def naive_logprobs(logits: Any, targets: Any) -> Any:
 
 def run_method(method: str, logits: Any, targets: Any, chunk_size: int = 8) -> Any:
     """``[B, L]`` log-probs by ``method`` (``naive`` or ``ours``)."""
-    from rerule_lightning.logprobs import token_logprobs
+    from rerule_lightning.primitives.logprobs import token_logprobs
 
     if method == "naive":
         return naive_logprobs(logits, targets)

@@ -22,7 +22,7 @@ the other two (full / LoRA / QLoRA). The components, in bytes (GiB = 2**30 bytes
   come out of float32 norms, so they are float32: + 2h * (4 - dtype bytes) per token and (kept) layer.
 * **logits**: GRPO keeps ``[n, T, V]`` logits of the T completion positions of one micro-batch in
   ``policy.dtype`` and, for the backward of log-softmax, their float32 upcast
-  (:func:`rerule_lightning.grpo.token_logprobs`): dtype + 4 bytes per element. QLoRA's float32 lm_head makes the
+  (:func:`rerule_lightning.rl.grpo.token_logprobs`): dtype + 4 bytes per element. QLoRA's float32 lm_head makes the
   logits float32 themselves (4 + 4 bytes) and up-casts its ``[n, T, h]`` input (+ 4 bytes per element). RS (full
   ``[n, L, V]`` logits, float32 cross-entropy) likewise; evaluation only one chunk.
 * **per-token tensors** of the whole GRPO batch, kept across micro-batches: behaviour, reference and per-token

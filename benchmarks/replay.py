@@ -66,7 +66,7 @@ TIMER_OVERLAY = "trainer:\n  callbacks+:\n    - class_path: benchmarks.timing.Ph
 
 
 def _lightning(argv: list[str]) -> tuple[Any, float]:
-    from rerule_lightning.cli import lightning_main
+    from rerule_lightning.cli.commands import lightning_main
 
     t = time.perf_counter()
     cli = lightning_main(argv)
@@ -181,7 +181,7 @@ class Bench(RunRecords):
                    "run_ids": {"fit": fit_id, "eval": eval_id}})
 
     def _tag(self, run_ids: dict[str, str], stage: str, seed: int, preset: str | None) -> None:
-        from rerule_lightning.report import tag_unit
+        from rerule_lightning.cli.report import tag_unit
 
         tag_unit(self.args.tracking_uri, run_ids, stage, seed, preset)
 
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.analyse_only:
         write_outputs(args.output_dir)
         return 0
-    from rerule_lightning.cli import main as cli_main
-    from rerule_lightning.lightning_cli import pin_threads
+    from rerule_lightning.cli.commands import main as cli_main
+    from rerule_lightning.cli.lightning_cli import pin_threads
 
     args.threads = pin_threads(args.threads)  # and every stage gets --threads (Bench.common)
     world = _world_overrides(args.world)

@@ -16,7 +16,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rerule_lightning.paired import mean_over, paired_differences, paired_ratios, steps_to_reach, t_interval  # noqa: E402
+from rerule_lightning.tracking.paired import (  # noqa: E402
+    mean_over,
+    paired_differences,
+    paired_ratios,
+    steps_to_reach,
+    t_interval,
+)
 
 BASELINE = "RULE"
 RS = "rejection steering"
@@ -192,8 +198,8 @@ def collision_table(records: list[dict]) -> str:
 
 
 def _mean_curve(records: list[dict], stage: str, preset: str, key: str) -> tuple[list[int], list[float]]:
-    """Mean over the seeds of ``stage`` / ``preset`` of the curve ``key`` (:func:`rerule_lightning.plots.mean_curve`)."""
-    from rerule_lightning.plots import mean_curve
+    """Mean over the seeds of ``stage`` / ``preset`` of the curve ``key`` (:func:`rerule_lightning.tracking.plots.mean_curve`)."""
+    from rerule_lightning.tracking.plots import mean_curve
 
     steps, means, _ = mean_curve([r["curves"][key] for r in records
                                   if (r["stage"], r["preset"]) == (stage, preset) and r["curves"].get(key)])

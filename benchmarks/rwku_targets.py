@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{stage}-args", default="", help=f"overrides appended to the {stage} stage (one string)")
     args = ap.parse_args(argv)
     extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("rs", "rule", "eval")}
-    from rerule_lightning.cli import main as rerule
+    from rerule_lightning.cli.commands import main as rerule
 
     targets = resolve_targets(args.targets, target_names(args.source))
     rows, before = {}, {}

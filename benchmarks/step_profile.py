@@ -91,7 +91,7 @@ def instrument(trainer: Any, module: Any, timer: StepTimer) -> None:
     """Wrap the step's pieces (instance attributes only; module code untouched)."""
     import lightning as L
 
-    import rerule_lightning.grpo_module as gm
+    import rerule_lightning.modules.grpo as gm
 
     module._sample = timer.wrap(module._sample, "generation")
     module.reward_fn = timer.wrap(module.reward_fn, "reward scoring")
@@ -124,7 +124,7 @@ def instrument(trainer: Any, module: Any, timer: StepTimer) -> None:
 
 def profile(steps: int, replay: bool, collect_steps: int, workdir: str) -> list[dict[str, float]]:
     """One instrumented fit; returns the per-step records."""
-    from rerule_lightning.cli import lightning_main, quiet_libraries
+    from rerule_lightning.cli.commands import lightning_main, quiet_libraries
 
     quiet_libraries()
     argv = ["fit", "--config", "configs/embedded/rule.yaml"]

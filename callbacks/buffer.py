@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rerule_lightning.rollout import RolloutGroup
+from rerule_lightning.primitives.rollout import RolloutGroup
 
 Schedule = int | float | None
 

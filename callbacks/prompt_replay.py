@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from callbacks.buffer import Entry
 from callbacks.replay import HardCaseReplayCallback
-from rerule_lightning.rollout import RolloutGroup
+from rerule_lightning.primitives.rollout import RolloutGroup
 
 
 class PromptReplayCallback(HardCaseReplayCallback):

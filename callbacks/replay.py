@@ -1,7 +1,7 @@
 """ReRULE: a replay buffer of hard-case rollout groups, reused through off-policy updates (Lightning glue).
 
 The decisions live in :mod:`callbacks.buffer` (pure); this module wires them to the batch hooks. The contract
-with the module is the one documented in :mod:`rerule_lightning.rollout`: fresh groups arrive as
+with the module is the one documented in :mod:`rerule_lightning.primitives.rollout`: fresh groups arrive as
 ``outputs["groups"]`` in ``on_train_batch_end``; stored groups leave as ``batch["replay"]`` (priority order,
 ``advantages`` set) with ``batch["replay_options"]`` in ``on_train_batch_start``; the module reports the
 ones it trained on as ``outputs["replay_used"]`` and only those count as replayed.
@@ -34,7 +34,7 @@ from typing import Literal
 
 from callbacks.buffer import Entry, Hardness, option_errors
 from callbacks.replay_base import ReplayCallback
-from rerule_lightning.rollout import RolloutGroup
+from rerule_lightning.primitives.rollout import RolloutGroup
 
 __all__ = ["HardCaseReplayCallback", "RandomReplayCallback", "ReplayCallback"]
 

@@ -24,7 +24,7 @@ from callbacks.buffer import (
     schedule_errors,
     zero_variance,
 )
-from rerule_lightning.rollout import RolloutGroup
+from rerule_lightning.primitives.rollout import RolloutGroup
 
 
 class ReplayCallback(L.Callback):

@@ -8,7 +8,7 @@ import random
 from typing import Any, Literal
 
 from datamodules.world import REFUSAL_TEMPLATES, WorldConfig, generate_world
-from rerule_lightning.prompting import format_answer, format_prompt
+from rerule_lightning.primitives.prompting import format_answer, format_prompt
 
 EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -36,7 +36,7 @@ def load_world(path: str) -> Any:
     """
     from datasets import load_from_disk
 
-    from rerule_lightning.validation import check_json_files, validate_world
+    from rerule_lightning.cli.validation import check_json_files, validate_world
 
     if not os.path.isdir(path):
         raise FileNotFoundError(

@@ -25,10 +25,10 @@ from lightning.pytorch.utilities.parsing import save_hyperparameters
 from torch.utils.data import DataLoader
 
 from datamodules.embedded import load_world
-from rerule_lightning.eval_report import ReferenceItems, dir_signature
-from rerule_lightning.eval_suite import EvalSuite, embedded_suite
-from rerule_lightning.evaluator import FORGET, HOLDOUT
-from rerule_lightning.prompting import format_prompt
+from rerule_lightning.evaluation.evaluator import FORGET, HOLDOUT
+from rerule_lightning.evaluation.suite import EvalSuite, embedded_suite
+from rerule_lightning.modules.eval_hooks import ReferenceItems, dir_signature
+from rerule_lightning.primitives.prompting import format_prompt
 
 EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
 PROMPT_COLUMNS = ("id", "prompt", "question", "label", "kind", "reference", "target", "value")

@@ -1,5 +1,5 @@
 """``PairedUnlearningDataModule``: paired forget / retain batches for the loss-based baselines
-(:class:`rerule_lightning.loss_module.LossUnlearningModule`), over any RL datamodule's data.
+(:class:`rerule_lightning.modules.loss.LossUnlearningModule`), over any RL datamodule's data.
 
 It wraps a ``benchmark`` datamodule (the embedded :class:`datamodules.forget_retain.ForgetRetainDataModule`, or a
 real benchmark's :class:`datamodules.benchmarks.base.BenchmarkDataModule`: TOFU, MUSE) and takes from it:
@@ -31,7 +31,7 @@ import lightning as L
 
 from datamodules.benchmarks.base import normalise_question
 from datamodules.forget_retain import PositionedBatches, permuted_index
-from rerule_lightning.prompting import format_prompt
+from rerule_lightning.primitives.prompting import format_prompt
 
 BATCH_COLUMNS = ("forget_id", "forget_prompt", "forget_answer", "forget_idk", "retain_id", "retain_prompt",
                  "retain_answer")

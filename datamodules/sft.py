@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.embedded import SftMode, load_world, sft_pairs
-from rerule_lightning.prompting import collate_right_padded, tokenize_pair
+from rerule_lightning.primitives.prompting import collate_right_padded, tokenize_pair
 
 
 class EmbeddedSFTDataModule(L.LightningDataModule):

@@ -2,26 +2,32 @@
 
 The main classes and functions are importable from here (``from rerule_lightning import
 GRPOUnlearningModule``) and usable as short ``class_path`` values in YAML (``rerule_lightning.GRPOUnlearningModule``).
-They are loaded lazily, on first access, so ``import rerule_lightning`` stays as cheap as before (it imports
-neither torch nor Lightning).
+They are loaded lazily, on first access, so ``import rerule_lightning`` stays cheap (it imports neither torch nor
+Lightning).
 
-The core is layered; each layer imports only from the layers below it (``tests/test_layering.py``):
+The core is layered, one folder a layer; each layer imports only from the layers below it
+(``tests/test_layering.py``):
 
-1. model primitives: ``policy``, ``generation``, ``logprobs``, ``answers`` (refusal detection, fact matching),
-   ``rouge``, ``prompting``, ``rollout``, ``guards``, ``checkpointing``, ``jsonio``;
-2. algorithms (``grpo``, ``micro_batch``, ``grpo_step``, ``rewards``, ``unlearning``: the baselines' losses) and
-   evaluation (``metrics``, ``eval_suite``, ``evaluator``), siblings
-   that do not import each other;
-3. Lightning modules: ``sft``, ``grpo_module``, ``loss_module`` (the baselines), ``eval_report`` (evaluation
-   hooks), ``eval_module``;
-4. infrastructure and commands: ``tracking``, ``validation``, ``knobs`` (numeric ranges), ``paths`` (path
-   preflight), ``interrupts`` (signal endings), ``cli_errors``, ``lightning_cli``, ``report_rows``, ``plots``, ``report``,
-   ``prepare``, ``pipeline``, ``cli``, ``__main__``.
+1. :mod:`~rerule_lightning.primitives`: policy building, generation, log-probs, answers, ROUGE, prompting,
+   rollout groups, guards, checkpointing;
+2. :mod:`~rerule_lightning.rl` (advantages, losses, micro-batching, the step, rewards),
+   :mod:`~rerule_lightning.unlearning` (the baselines' losses) and :mod:`~rerule_lightning.evaluation`
+   (metrics, suites, the evaluator): siblings that do not import each other;
+3. :mod:`~rerule_lightning.modules`: the LightningModules;
+4. :mod:`~rerule_lightning.tracking` (MLflow, report rows and plots, paired statistics), then
+   :mod:`~rerule_lightning.cli` (the ``rerule`` command, preflight, errors, signals, prepare / pipeline / report).
+
+Module paths from before the layout in folders (``rerule_lightning.grpo_module``, ``rerule_lightning.policy``,
+...) still import, as aliases of the moved modules (the same module objects), so a user's YAML ``class_path``
+or import written against them keeps working: :data:`MOVED` lists them.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -30,28 +36,79 @@ __version__ = "0.1.0"
 #: (an alias; ``prepare`` and ``report`` are not exported under their own names, which the submodules hold).
 _EXPORTS: dict[str, str] = {
     # model primitives
-    "PolicyConfig": "policy", "build_policy": "policy", "load_tokenizer": "policy", "save_policy": "policy",
-    "greedy_generate": "generation", "token_logprobs": "logprobs",
-    "is_refusal": "answers", "answer_correct": "answers", "REFUSAL_PATTERNS": "answers",
-    "rouge_l": "rouge", "rouge_l_recall": "rouge", "format_prompt": "prompting", "RolloutGroup": "rollout",
-    "NonFiniteError": "guards",
+    "PolicyConfig": "primitives.policy", "build_policy": "primitives.policy", "load_tokenizer": "primitives.policy",
+    "save_policy": "primitives.policy", "greedy_generate": "primitives.generation",
+    "token_logprobs": "primitives.logprobs", "is_refusal": "primitives.answers", "answer_correct": "primitives.answers",
+    "REFUSAL_PATTERNS": "primitives.answers", "rouge_l": "primitives.rouge", "rouge_l_recall": "primitives.rouge",
+    "format_prompt": "primitives.prompting", "RolloutGroup": "primitives.rollout", "NonFiniteError": "primitives.guards",
     # algorithms
-    "group_advantages": "grpo", "grpo_loss": "grpo", "clipped_surrogate": "grpo", "off_policy_loss": "grpo",
-    "k3_kl": "grpo", "aggregate_loss": "grpo", "unlearning": "unlearning",
-    "rule_reward": "rewards", "forget_reward": "rewards", "boundary_reward": "rewards",
-    "refusal_reward": "rewards", "get_reward_fn": "rewards", "REWARD_FUNCTIONS": "rewards",
+    "group_advantages": "rl.grpo", "grpo_loss": "rl.grpo", "clipped_surrogate": "rl.grpo",
+    "off_policy_loss": "rl.grpo", "k3_kl": "rl.grpo", "aggregate_loss": "rl.grpo", "unlearning": "unlearning",
+    "rule_reward": "rl.rewards", "forget_reward": "rl.rewards", "boundary_reward": "rl.rewards",
+    "refusal_reward": "rl.rewards", "get_reward_fn": "rl.rewards", "REWARD_FUNCTIONS": "rl.rewards",
     # evaluation
-    "UnlearningEvaluator": "evaluator", "EvalSuite": "eval_suite", "SplitSpec": "eval_suite",
-    "metrics": "metrics",
+    "UnlearningEvaluator": "evaluation.evaluator", "EvalSuite": "evaluation.suite", "SplitSpec": "evaluation.suite",
+    "metrics": "evaluation.metrics",
     # Lightning modules
-    "GRPOUnlearningModule": "grpo_module", "SFTModule": "sft", "TinyLlamaConfig": "sft", "EvalModule": "eval_module",
-    "ReferenceItems": "eval_report", "compute_reference": "eval_report", "LossUnlearningModule": "loss_module",
+    "GRPOUnlearningModule": "modules.grpo", "SFTModule": "modules.sft", "TinyLlamaConfig": "modules.sft",
+    "EvalModule": "modules.eval", "ReferenceItems": "modules.eval_hooks", "compute_reference": "modules.eval_hooks",
+    "LossUnlearningModule": "modules.loss",
     # infrastructure and commands
-    "ResilientMLFlowLogger": "tracking", "prepare_embedded": "prepare:prepare", "report_runs": "report:report",
-    "demo_main": "pipeline",
+    "ResilientMLFlowLogger": "tracking.logger", "prepare_embedded": "cli.prepare:prepare",
+    "report_runs": "cli.report:report", "demo_main": "cli.pipeline",
 }
 
+#: Module paths before the layout in folders -> where the module lives now (both under this package).
+MOVED: dict[str, str] = {
+    "policy": "primitives.policy", "generation": "primitives.generation", "logprobs": "primitives.logprobs",
+    "answers": "primitives.answers", "rouge": "primitives.rouge", "prompting": "primitives.prompting",
+    "rollout": "primitives.rollout", "guards": "primitives.guards", "checkpointing": "primitives.checkpointing",
+    "jsonio": "primitives.jsonio",
+    "grpo": "rl.grpo", "micro_batch": "rl.micro_batch", "grpo_step": "rl.step", "rewards": "rl.rewards",
+    "metrics": "evaluation.metrics", "eval_suite": "evaluation.suite", "evaluator": "evaluation.evaluator",
+    "sft": "modules.sft", "grpo_module": "modules.grpo", "loss_module": "modules.loss",
+    "eval_report": "modules.eval_hooks", "eval_module": "modules.eval",
+    "report_rows": "tracking.report_rows", "plots": "tracking.plots", "paired": "tracking.paired",
+    "validation": "cli.validation", "knobs": "cli.knobs", "paths": "cli.paths", "interrupts": "cli.interrupts",
+    "cli_errors": "cli.errors", "lightning_cli": "cli.lightning_cli", "prepare": "cli.prepare",
+    "pipeline": "cli.pipeline", "report": "cli.report",
+}
+# Not here: ``tracking`` and ``cli`` kept their names, as packages that forward the old modules' names lazily
+# (``rerule_lightning.tracking.ResilientMLFlowLogger``, ``rerule_lightning.cli.main``).
+
 __all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+class _AliasLoader(importlib.abc.Loader):
+    """Loads an old module path as the module now at ``target`` (the same object, so classes are identical)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def create_module(self, spec: Any) -> Any:
+        return importlib.import_module(self.target)
+
+    def exec_module(self, module: Any) -> None:  # already executed under its new name
+        pass
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder):
+    """Finds ``rerule_lightning.<old>[.<sub>]`` for every entry of :data:`MOVED`."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        head, _, rest = fullname.partition(".")
+        if head != __name__ or not rest:
+            return None
+        first, _, tail = rest.partition(".")
+        new = MOVED.get(first)
+        if new is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(f"{__name__}.{new}" + (f".{tail}" if tail else "")))
+
+
+if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())  # before the path finder: a submodule of an aliased package
+    # (``rerule_lightning.metrics.functional``) would otherwise load a second time under its old name
 
 
 def __getattr__(name: str) -> Any:
@@ -60,7 +117,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'rerule_lightning' has no attribute {name!r}")
     module, _, attr = target.partition(":")
     mod = importlib.import_module(f"rerule_lightning.{module}")
-    value = mod if name == module else getattr(mod, attr or name)
+    value = mod if name == module.rpartition(".")[2] and not attr else getattr(mod, attr or name)
     globals()[name] = value  # cache: the next access is a plain attribute
     return value
 

@@ -59,9 +59,9 @@ def one_torch_thread() -> Iterator[None]:
 def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """``rerule prepare`` on a tiny world (seconds): returns the manifest (paths, links, accuracy)."""
     from datamodules.world import WorldConfig
-    from rerule_lightning.lightning_cli import quiet_libraries
-    from rerule_lightning.prepare import SFTTrainConfig, prepare
-    from rerule_lightning.sft import TinyLlamaConfig
+    from rerule_lightning.cli.lightning_cli import quiet_libraries
+    from rerule_lightning.cli.prepare import SFTTrainConfig, prepare
+    from rerule_lightning.modules.sft import TinyLlamaConfig
 
     quiet_libraries()
     # Artefacts are keyed by config hash, so a persistent cache is safe and saves rebuilding between runs.

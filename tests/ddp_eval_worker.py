@@ -17,8 +17,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from datamodules.forget_retain import ForgetRetainDataModule  # noqa: E402
-from rerule_lightning.eval_module import EvalModule  # noqa: E402
-from rerule_lightning.policy import PolicyConfig  # noqa: E402
+from rerule_lightning.modules.eval import EvalModule  # noqa: E402
+from rerule_lightning.primitives.policy import PolicyConfig  # noqa: E402
 
 SPLITS = ["forget", "boundary_hard", "holdout"]
 

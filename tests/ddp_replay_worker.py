@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from callbacks import PromptReplayCallback  # noqa: E402
 from callbacks.replay import HardCaseReplayCallback  # noqa: E402
 from datamodules.forget_retain import ForgetRetainDataModule  # noqa: E402
-from rerule_lightning.grpo_module import GRPOUnlearningModule  # noqa: E402
-from rerule_lightning.policy import PolicyConfig  # noqa: E402
+from rerule_lightning.modules.grpo import GRPOUnlearningModule  # noqa: E402
+from rerule_lightning.primitives.policy import PolicyConfig  # noqa: E402
 
 
 class Record(L.Callback):

@@ -20,7 +20,7 @@ import torch
 import yaml
 from test_safe_loading import Payload, tiny_checkpoint
 
-from rerule_lightning.cli import main
+from rerule_lightning.cli.commands import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "configs" / "embedded" / "rule.yaml"
@@ -304,7 +304,7 @@ def test_the_table_is_large_and_covers_every_kind_of_input() -> None:
 
 def test_debug_keeps_jsonargparse_full_text(tiny_prepared: dict, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from rerule_lightning.lightning_cli import ConfigError
+    from rerule_lightning.cli.lightning_cli import ConfigError
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RERULE_DEBUG", "1")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from rerule_lightning.cli import lightning_main, main
+from rerule_lightning.cli.commands import lightning_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = sorted((ROOT / "configs" / "baselines").glob("*.yaml"))
@@ -230,7 +230,7 @@ def test_a_missing_export_names_the_config_that_writes_it() -> None:
     """The hint of a missing model directory points at the shipped config whose ``export_dir`` it is."""
     import yaml
 
-    from rerule_lightning.policy import missing_path_hint
+    from rerule_lightning.primitives.policy import missing_path_hint
 
     checked = []
     for config in sorted((ROOT / "configs").glob("*/*.yaml")):

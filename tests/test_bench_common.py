@@ -13,8 +13,8 @@ import pytest
 
 from datamodules.benchmarks.base import BenchmarkDataModule, normalise_question
 from datamodules.benchmarks.sources import SchemaError, load_rows, load_validated, validate_rows
-from rerule_lightning.eval_suite import EvalSuite, SplitSpec, embedded_suite
-from rerule_lightning.generation import cut_at_stop
+from rerule_lightning.evaluation.suite import EvalSuite, SplitSpec, embedded_suite
+from rerule_lightning.primitives.generation import cut_at_stop
 
 SCHEMA = {"q": "text", "s": "str", "n": "int", "x": "number", "opts": "text_list", "tags": "str_list", "o": "text?"}
 GOOD = {"q": "Who?", "s": "", "n": 3, "x": 0.5, "opts": ["a", "b"], "tags": [], "o": None}
@@ -153,8 +153,8 @@ def test_base_renders_checks_probes_and_subsamples() -> None:
 def test_evaluator_builds_the_metrics_each_split_asks_for(tiny_prepared: dict, one_torch_thread: None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rerule_lightning.eval_report import evaluate_items
-    from rerule_lightning.evaluator import UnlearningEvaluator
+    from rerule_lightning.evaluation.evaluator import UnlearningEvaluator
+    from rerule_lightning.modules.eval_hooks import evaluate_items
 
     path = tiny_prepared["links"]["target"]
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -176,7 +176,7 @@ def test_evaluator_builds_the_metrics_each_split_asks_for(tiny_prepared: dict, o
     # the split's own max_new_tokens (3, not the evaluator's 50) bounds the answer: it is exactly the greedy
     # 3-token continuation. (Re-encoding the decoded text is no measure: byte-level BPE need not give back the
     # generated tokens, e.g. 3 generated tokens re-encode to 4 on some machines.)
-    from rerule_lightning.generation import cut_at_stop, greedy_generate
+    from rerule_lightning.primitives.generation import cut_at_stop, greedy_generate
 
     assert rec[0]["prompt"] == "Question: Who is F?\nAnswer:"
     assert rec[0]["prediction"] == cut_at_stop(greedy_generate(model, tok, [rec[0]["prompt"]], 3)[0], ["\n"])

@@ -18,7 +18,7 @@ from datamodules.benchmarks.muse import (
     muse_probes,
     render_muse,
 )
-from rerule_lightning.cli import lightning_main, main
+from rerule_lightning.cli.commands import lightning_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -167,7 +167,7 @@ def test_chat_format_wraps_every_prompt_as_the_user_message() -> None:
 
 
 def test_rejection_steering_pairs_refuse_forget_windows_and_anchor_retain_ones() -> None:
-    from rerule_lightning.rewards import is_refusal
+    from rerule_lightning.rl.rewards import is_refusal
 
     dm = _dm()
     raw = dm.load_raw()
@@ -325,7 +325,7 @@ def test_qlora_rejection_steering_then_rule_through_the_shipped_configs(tiny_cha
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rerule_lightning.policy import reference_context
+    from rerule_lightning.primitives.policy import reference_context
 
     monkeypatch.chdir(tmp_path)
     bench = "--data.init_args.benchmark.init_args."

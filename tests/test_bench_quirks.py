@@ -18,9 +18,9 @@ from datamodules.benchmarks.rs import RejectionSteeringDataModule
 from datamodules.benchmarks.rwku import RWKUDataModule, rwku_suite
 from datamodules.benchmarks.sources import SchemaError
 from datamodules.benchmarks.tofu import TOFUDataModule
-from rerule_lightning.cli import main
-from rerule_lightning.rewards import get_reward_fn
-from rerule_lightning.rouge import rouge_l
+from rerule_lightning.cli.commands import main
+from rerule_lightning.primitives.rouge import rouge_l
+from rerule_lightning.rl.rewards import get_reward_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -107,7 +107,7 @@ def test_row3_tofu_chat_prompt_has_the_targets_system_prompt_and_fixed_date(date
 
 # ------------------------------------------------------------- 4: reference directory without a tokenizer
 def test_row4_reference_statistics_use_the_policy_tokenizer(tiny_chat_model: str, tmp_path: Path) -> None:
-    from rerule_lightning.eval_report import compute_reference
+    from rerule_lightning.modules.eval_hooks import compute_reference
 
     bare = tmp_path / "retain_no_tokenizer"
     shutil.copytree(tiny_chat_model, bare)
@@ -132,7 +132,7 @@ def test_row5_rwku_metrics_and_reward_use_the_rouge_packages_semantics() -> None
     assert rouge_l(pred, ref).recall == 1.0  # rouge_score: lower-cased, punctuation dropped
     assert rouge_l(pred, ref, "rwku").recall == pytest.approx(3 / 7)  # case- and punctuation-sensitive
     assert {s.name: s.rouge for s in rwku_suite().splits} == {s: "rwku" for s in rwku_suite().split_names}
-    from rerule_lightning.evaluator import UnlearningEvaluator
+    from rerule_lightning.evaluation.evaluator import UnlearningEvaluator
 
     ev = UnlearningEvaluator(rwku_suite(), max_new_tokens=4)
     assert {m["rouge_l_recall"].impl for m in ev.metrics.values()} == {"rwku"}
@@ -229,7 +229,7 @@ def test_row9_knowmem_prompt_ends_with_answer_and_a_space() -> None:
 def test_row10_muse_rouge_reference_cut_privleak_encoding_and_verbmem_extraction(tiny_chat_model: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rerule_lightning.evaluator import cut_references, teacher_forced_stats
+    from rerule_lightning.evaluation.evaluator import cut_references, teacher_forced_stats
 
     suite = muse_suite("muse_books")
     assert {s.name: s.rouge for s in suite.splits if s.generate} == {

@@ -22,7 +22,7 @@ from datamodules.benchmarks.rwku import (
     rl_prompts,
     strip_forget_request,
 )
-from rerule_lightning.cli import lightning_main, main
+from rerule_lightning.cli.commands import lightning_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "rwku"
@@ -157,7 +157,7 @@ def test_greedy_references_recorded_in_prepare_data_and_cached(tiny_chat_model: 
                                                                one_torch_thread: None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rerule_lightning.generation import greedy_generate
+    from rerule_lightning.primitives.generation import greedy_generate
 
     kw = {"reference_model": tiny_chat_model, "prompt_format": "chat", "cache_dir": str(tmp_path),
           "reference_max_new_tokens": 6}

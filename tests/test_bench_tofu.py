@@ -15,7 +15,7 @@ import pytest
 
 from datamodules.benchmarks.rs import RejectionSteeringDataModule
 from datamodules.benchmarks.tofu import TOFUDataModule, tofu_configs, tofu_suite
-from rerule_lightning.cli import lightning_main, main
+from rerule_lightning.cli.commands import lightning_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tofu"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from rerule_lightning.cli import lightning_main, main
+from rerule_lightning.cli.commands import lightning_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -79,8 +79,8 @@ def test_prepare_config_parses_and_instantiates(capsys: pytest.CaptureFixture) -
     from jsonargparse import ArgumentParser
 
     from datamodules.world import WorldConfig
-    from rerule_lightning.prepare import SFTTrainConfig, prepare
-    from rerule_lightning.sft import TinyLlamaConfig
+    from rerule_lightning.cli.prepare import SFTTrainConfig, prepare
+    from rerule_lightning.modules.sft import TinyLlamaConfig
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_function_arguments(prepare)
@@ -160,8 +160,8 @@ def _refusal_loss(model: Any, tiny: dict) -> float:
     from transformers import AutoTokenizer
 
     from datamodules.embedded import load_world, sft_pairs
-    from rerule_lightning.rewards import is_refusal
-    from rerule_lightning.sft import collate_right_padded, sft_loss, tokenize_pair
+    from rerule_lightning.modules.sft import collate_right_padded, sft_loss, tokenize_pair
+    from rerule_lightning.rl.rewards import is_refusal
 
     rs = _load(RS)["data"]["init_args"]
     pairs = sft_pairs(load_world(tiny["links"]["world"]), "rejection_steering", seed=rs["seed"],
@@ -215,7 +215,7 @@ def test_missing_policy_path_names_the_flag(tiny_prepared: dict, tmp_path: Path,
 def test_unknown_preset_fails_at_parse_time_naming_the_parameter(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  no_weight_loading: None) -> None:
-    from rerule_lightning.lightning_cli import ConfigError
+    from rerule_lightning.cli.lightning_cli import ConfigError
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as info:  # one line naming the flag; `rerule` prints it, exit status 2

@@ -34,7 +34,7 @@ def test_version_matches_the_distribution() -> None:
     import tomllib
 
     from rerule_lightning import __version__
-    from rerule_lightning.cli import main
+    from rerule_lightning.cli.commands import main
 
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == __version__
     assert main(["--version"]) == 0
@@ -44,7 +44,7 @@ def test_quiet_libraries_keeps_hub_download_bars(monkeypatch: pytest.MonkeyPatch
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    from rerule_lightning.lightning_cli import quiet_libraries
+    from rerule_lightning.cli.lightning_cli import quiet_libraries
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     disable_progress_bars()

@@ -11,7 +11,7 @@ from conftest import TINY_MODEL, TINY_TRAIN, TINY_WORLD
 
 
 def test_demo_runs_every_stage_and_writes_results(tiny_prepared, tmp_path, capsys, monkeypatch):
-    from rerule_lightning.cli import main
+    from rerule_lightning.cli.commands import main
 
     cache = os.path.dirname(os.path.dirname(tiny_prepared["links"]["world"]))  # <cache>/embedded/world
     prep = tmp_path / "prepare.yaml"

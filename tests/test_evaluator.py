@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.forget_retain import EVAL_SPLITS, ForgetRetainDataModule
-from rerule_lightning.eval_report import compute_reference, evaluate_items
-from rerule_lightning.evaluator import METRIC_NAMES, UnlearningEvaluator, teacher_forced_stats
+from rerule_lightning.evaluation.evaluator import METRIC_NAMES, UnlearningEvaluator, teacher_forced_stats
+from rerule_lightning.modules.eval_hooks import compute_reference, evaluate_items
 
 REPO = Path(__file__).resolve().parents[1]
 CROSS_KEYS = ("forget/forget_quality", "forget/mia_auc", "forget/privleak", "utility/model_utility")
@@ -87,7 +87,7 @@ def test_forget_quality_target_below_retain(evaluated: dict) -> None:
 
 
 def test_reference_is_cached(evaluated: dict, tiny_prepared: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rerule_lightning.policy as policy
+    import rerule_lightning.primitives.policy as policy
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached reference must not load the model again")
@@ -123,7 +123,7 @@ def test_report_has_items_and_every_aggregate(evaluated: dict, tmp_path: Path) -
 
 
 def test_rerule_test_cli_writes_report(tiny_prepared: dict, tmp_path: Path) -> None:
-    from rerule_lightning.cli import main
+    from rerule_lightning.cli.commands import main
 
     links = tiny_prepared["links"]
     report = tmp_path / "eval.json"
@@ -146,8 +146,8 @@ def test_rerule_test_cli_writes_report(tiny_prepared: dict, tmp_path: Path) -> N
 def test_grpo_module_validation_logs_metrics(tiny_prepared: dict) -> None:
     import lightning as L
 
-    from rerule_lightning.grpo_module import GRPOUnlearningModule
-    from rerule_lightning.policy import PolicyConfig
+    from rerule_lightning.modules.grpo import GRPOUnlearningModule
+    from rerule_lightning.primitives.policy import PolicyConfig
 
     links = tiny_prepared["links"]
     module = GRPOUnlearningModule(policy=PolicyConfig(name_or_path=links["target"]), beta=0.0,

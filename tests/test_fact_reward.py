@@ -11,9 +11,10 @@ import random
 import pytest
 import torch
 
-import rerule_lightning.metrics.functional as MF
-from rerule_lightning import answers, rewards
-from rerule_lightning.rewards import boundary_reward, get_reward_fn, rule_reward
+import rerule_lightning.evaluation.metrics.functional as MF
+from rerule_lightning.primitives import answers
+from rerule_lightning.rl import rewards
+from rerule_lightning.rl.rewards import boundary_reward, get_reward_fn, rule_reward
 
 REF = "Idris Achterberg was born in Zanzibar."
 FACT = get_reward_fn("rule_fact")
@@ -73,8 +74,8 @@ def test_fact_reward_on_completions_sampled_from_the_prepared_models(tiny_prepar
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from datamodules.embedded import load_world
-    from rerule_lightning.generation import greedy_generate
-    from rerule_lightning.prompting import format_prompt
+    from rerule_lightning.primitives.generation import greedy_generate
+    from rerule_lightning.primitives.prompting import format_prompt
 
     links = tiny_prepared["links"]
     world = load_world(links["world"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rerule_lightning.lightning_cli import quiet_libraries
+from rerule_lightning.cli.lightning_cli import quiet_libraries
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

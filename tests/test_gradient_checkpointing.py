@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rerule_lightning.policy import PolicyConfig, build_policy
+from rerule_lightning.primitives.policy import PolicyConfig, build_policy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,7 +41,7 @@ def test_lora_fit_with_gradient_checkpointing(tiny_prepared: dict, tmp_path) -> 
     import lightning as L
 
     from datamodules.forget_retain import ForgetRetainDataModule
-    from rerule_lightning.grpo_module import GRPOUnlearningModule
+    from rerule_lightning.modules.grpo import GRPOUnlearningModule
 
     links = tiny_prepared["links"]
     module = GRPOUnlearningModule(policy=PolicyConfig(name_or_path=links["target"], peft="lora", lora_r=4, lora_alpha=8,

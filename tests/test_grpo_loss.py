@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rerule_lightning.grpo import (
+from rerule_lightning.primitives.rollout import replay_slots
+from rerule_lightning.rl.grpo import (
     LOSS_TYPES,
     aggregate_loss,
     aggregate_parts,
@@ -18,7 +19,6 @@ from rerule_lightning.grpo import (
     off_policy_loss,
     token_logprobs,
 )
-from rerule_lightning.rollout import replay_slots
 
 D = torch.float64
 

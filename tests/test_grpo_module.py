@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from datamodules.forget_retain import ForgetRetainDataModule
-from rerule_lightning.grpo import token_logprobs
-from rerule_lightning.grpo_module import GRPOUnlearningModule
-from rerule_lightning.policy import PolicyConfig, reference_context
-from rerule_lightning.rollout import RolloutGroup, completion_mask_from_ids, pack_sequences
+from rerule_lightning.modules.grpo import GRPOUnlearningModule
+from rerule_lightning.primitives.policy import PolicyConfig, reference_context
+from rerule_lightning.primitives.rollout import RolloutGroup, completion_mask_from_ids, pack_sequences
+from rerule_lightning.rl.grpo import token_logprobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -295,7 +295,7 @@ def test_qlora_fit_trains_lora_weights(tiny_prepared: dict, tmp_path: Any) -> No
     ({"reward": "no_such_reward"}, "reward"),
 ])
 def test_bad_constructor_args_fail_before_loading(monkeypatch: pytest.MonkeyPatch, kwargs: dict, name: str) -> None:
-    import rerule_lightning.grpo_module as gm
+    import rerule_lightning.modules.grpo as gm
 
     def no_loading(*args: Any, **kw: Any) -> None:
         raise AssertionError("weights or tokenizer loaded before validation")

@@ -1,4 +1,4 @@
-"""The declarative table of numeric init-argument ranges (:mod:`rerule_lightning.knobs`): hand-checked
+"""The declarative table of numeric init-argument ranges (:mod:`rerule_lightning.cli.knobs`): hand-checked
 accept / reject decisions and messages, the same verdict for YAML and flags, and a table that names only real
 classes and parameters."""
 
@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from rerule_lightning.knobs import KNOBS, Range, knob_errors, rules_for
+from rerule_lightning.cli.knobs import KNOBS, Range, knob_errors, rules_for
 
 GRPO = "rerule_lightning.GRPOUnlearningModule"
 
@@ -78,12 +78,12 @@ def _class(name: str) -> type:
         import lightning as L
         return L.Trainer
     if name == "PolicyConfig":
-        from rerule_lightning.policy import PolicyConfig
+        from rerule_lightning.primitives.policy import PolicyConfig
         return PolicyConfig
     if name == "ModelCheckpoint":
         from lightning.pytorch.callbacks import ModelCheckpoint
         return ModelCheckpoint
-    for module in ("rerule_lightning", "callbacks", "datamodules", "rerule_lightning.sft", "callbacks.replay",
+    for module in ("rerule_lightning", "callbacks", "datamodules", "rerule_lightning.modules.sft", "callbacks.replay",
                    "datamodules.benchmarks"):
         found = getattr(importlib.import_module(module), name, None)
         if found is not None:
@@ -98,7 +98,7 @@ def test_the_table_names_real_parameters() -> None:
 
 
 def test_yaml_and_flags_get_the_same_verdict(tmp_path, one_torch_thread, no_weight_loading) -> None:
-    from rerule_lightning.lightning_cli import ConfigError, lightning_main
+    from rerule_lightning.cli.lightning_cli import ConfigError, lightning_main
 
     (tmp_path / "bad.yaml").write_text("model:\n  init_args:\n    temperature: .inf\n")
     base = ["fit", "--config", "configs/embedded/rule.yaml"]

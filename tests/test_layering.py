@@ -1,10 +1,10 @@
 """The core's layers import only downward, and the package roots export what they promise.
 
-Layers (README "Layout"; ``rerule_lightning/__init__.py``): model primitives → algorithms and evaluation
-(siblings, neither imports the other) → Lightning modules → infrastructure and commands. The core never
-imports ``datamodules`` or ``callbacks``, except the commands that assemble a job (``cli``, ``prepare``,
-``pipeline``). Every import is counted, module-level or inside a function, ``TYPE_CHECKING`` included, and
-there is no import circle anywhere in the three packages.
+A core module's layer is its folder (README "Layout"; ``rerule_lightning/__init__.py``): ``primitives`` →
+``rl``, ``unlearning`` (algorithms) and ``evaluation`` (siblings: no folder of one rank imports another folder of
+the same rank) → ``modules`` → ``tracking`` → ``cli``. The core never imports ``datamodules`` or ``callbacks``,
+except the command layer (``cli/``), which assembles whole jobs. Every import is counted, module-level or inside a
+function, ``TYPE_CHECKING`` included, and there is no import circle anywhere in the three packages.
 """
 
 from __future__ import annotations
@@ -18,25 +18,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PRIMITIVES, ALGORITHMS, EVALUATION, MODULES, COMMANDS = "primitives", "algorithms", "evaluation", "modules", "commands"
-#: Rank of each layer: an import may point to a lower rank; algorithms and evaluation share one rank and
-#: may not import each other.
-RANK = {PRIMITIVES: 0, ALGORITHMS: 1, EVALUATION: 1, MODULES: 2, COMMANDS: 3}
-LAYERS: dict[str, str] = {
-    "policy": PRIMITIVES, "generation": PRIMITIVES, "logprobs": PRIMITIVES, "answers": PRIMITIVES,
-    "rouge": PRIMITIVES, "prompting": PRIMITIVES, "rollout": PRIMITIVES, "guards": PRIMITIVES,
-    "checkpointing": PRIMITIVES, "jsonio": PRIMITIVES,
-    "grpo": ALGORITHMS, "micro_batch": ALGORITHMS, "grpo_step": ALGORITHMS, "rewards": ALGORITHMS,
-    "unlearning": ALGORITHMS,
-    "metrics": EVALUATION, "eval_suite": EVALUATION, "evaluator": EVALUATION,
-    "sft": MODULES, "grpo_module": MODULES, "loss_module": MODULES, "eval_report": MODULES, "eval_module": MODULES,
-    "tracking": COMMANDS, "interrupts": COMMANDS, "knobs": COMMANDS, "paths": COMMANDS, "validation": COMMANDS,
-    "cli_errors": COMMANDS, "lightning_cli": COMMANDS, "report_rows": COMMANDS,
-    "plots": COMMANDS, "report": COMMANDS, "paired": COMMANDS, "prepare": COMMANDS, "pipeline": COMMANDS, "cli": COMMANDS,
-    "__main__": COMMANDS,
-}
-#: Core modules that may import datamodules / callbacks (they assemble a whole job).
-ASSEMBLERS = {"cli", "prepare", "pipeline"}
+#: Rank of each layer folder of ``rerule_lightning/``: an import may point into its own folder or a lower rank.
+RANK: dict[str, int] = {"primitives": 0, "rl": 1, "unlearning": 1, "evaluation": 1, "modules": 2, "tracking": 3,
+                        "cli": 4}
+#: The one layer that may import datamodules / callbacks (it assembles whole jobs).
+ASSEMBLERS = {"cli"}
+#: Files at the package root, outside every layer: the lazy export facade and ``python -m rerule_lightning``.
+ROOT_FILES = {"__main__": "cli"}
 PACKAGES = ("rerule_lightning", "callbacks", "datamodules")
 
 
@@ -74,33 +62,40 @@ def _graph() -> dict[str, set[str]]:
     return {_module_name(p): _imports(p) for p in files}
 
 
-def _core_key(module: str) -> str | None:
+def _layer(module: str) -> str | None:
+    """The layer (folder) of a core module; ``None`` outside the core or for the package root itself."""
     parts = module.split(".")
-    return parts[1] if parts[0] == "rerule_lightning" and len(parts) > 1 else None
+    if parts[0] != "rerule_lightning" or len(parts) == 1:
+        return None
+    return ROOT_FILES.get(parts[1], parts[1]) if len(parts) == 2 else parts[1]
 
 
-def test_every_core_module_has_a_layer() -> None:
-    missing = sorted({k for m in _graph() if (k := _core_key(m)) is not None and k not in LAYERS})
-    assert not missing, f"assign a layer to {missing} in tests/test_layering.py (and the README's layout)"
+def unplaced(modules: list[str]) -> list[str]:
+    """Core modules that are not inside a layer folder of :data:`RANK`."""
+    return sorted(m for m in modules if (layer := _layer(m)) is not None and layer not in RANK)
+
+
+def test_every_core_module_sits_in_a_layer_folder() -> None:
+    missing = unplaced(list(_graph()))
+    assert not missing, f"move {missing} into a layer folder, or add the folder to RANK here (and the README's layout)"
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     """The imports of ``graph`` (module -> imported modules) that break the layering."""
     bad = []
     for src, targets in graph.items():
-        key = _core_key(src)
-        if key is None:
+        a = _layer(src)
+        if a is None:
             continue
         for dst in targets:
-            dkey = _core_key(dst)
-            if dkey is None:
-                if dst.split(".")[0] in ("datamodules", "callbacks") and key not in ASSEMBLERS:
+            b = _layer(dst)
+            if b is None:
+                if dst.split(".")[0] in ("datamodules", "callbacks") and a not in ASSEMBLERS:
                     bad.append(f"{src} -> {dst} (the core does not import {dst.split('.')[0]})")
                 continue
-            if dkey == key:  # inside a subpackage (metrics)
+            if a == b:
                 continue
-            a, b = LAYERS[key], LAYERS[dkey]
-            if RANK[b] > RANK[a] or (RANK[a] == RANK[b] and a != b):
+            if RANK[b] >= RANK[a]:
                 bad.append(f"{src} ({a}) -> {dst} ({b})")
     return sorted(bad)
 
@@ -111,25 +106,39 @@ def test_core_imports_point_down_and_never_into_datamodules_or_callbacks() -> No
 
 
 def test_layering_check_catches_what_it_must(tmp_path: Path) -> None:
-    graph = {"rerule_lightning.rouge": {"rerule_lightning.grpo_module"},  # primitive -> module: up
-             "rerule_lightning.grpo": {"rerule_lightning.evaluator"},  # algorithm -> evaluation: sideways
-             "rerule_lightning.evaluator": {"datamodules.world", "rerule_lightning.rouge"},  # core -> datamodules
-             "rerule_lightning.cli": {"datamodules.world", "rerule_lightning.grpo_module"},  # allowed
-             "rerule_lightning.metrics.text": {"rerule_lightning.metrics.functional"}}  # allowed
+    graph = {"rerule_lightning.primitives.rouge": {"rerule_lightning.modules.grpo"},  # primitive -> module: up
+             "rerule_lightning.rl.grpo": {"rerule_lightning.evaluation.evaluator"},  # same rank, other folder
+             "rerule_lightning.unlearning.losses": {"rerule_lightning.rl.grpo"},  # algorithms siblings too
+             "rerule_lightning.evaluation.evaluator": {"datamodules.world",  # core -> datamodules
+                                                        "rerule_lightning.primitives.rouge"},  # down: allowed
+             "rerule_lightning.tracking.plots": {"rerule_lightning.cli.report"},  # tracking -> cli: up
+             "rerule_lightning.cli.prepare": {"datamodules.world", "rerule_lightning.modules.sft"},  # allowed
+             "rerule_lightning.__main__": {"rerule_lightning.cli.commands"},  # the root file sits with cli
+             "rerule_lightning.evaluation.metrics.text": {"rerule_lightning.evaluation.metrics.functional"}}
     assert upward_imports(graph) == [
-        "rerule_lightning.evaluator -> datamodules.world (the core does not import datamodules)",
-        "rerule_lightning.grpo (algorithms) -> rerule_lightning.evaluator (evaluation)",
-        "rerule_lightning.rouge (primitives) -> rerule_lightning.grpo_module (modules)",
+        "rerule_lightning.evaluation.evaluator -> datamodules.world (the core does not import datamodules)",
+        "rerule_lightning.primitives.rouge (primitives) -> rerule_lightning.modules.grpo (modules)",
+        "rerule_lightning.rl.grpo (rl) -> rerule_lightning.evaluation.evaluator (evaluation)",
+        "rerule_lightning.tracking.plots (tracking) -> rerule_lightning.cli.report (cli)",
+        "rerule_lightning.unlearning.losses (unlearning) -> rerule_lightning.rl.grpo (rl)",
     ]
+    # a module at the package root or in a folder that is no layer is reported; the root facade is not
+    assert unplaced(["rerule_lightning", "rerule_lightning.__main__", "rerule_lightning.grpo_module",
+                     "rerule_lightning.misc.helpers", "rerule_lightning.rl.grpo", "datamodules.world"]) == [
+        "rerule_lightning.grpo_module", "rerule_lightning.misc.helpers"]
     # the scanner sees lazy imports inside functions and resolves `from pkg import submodule`
     pkg = tmp_path / "rerule_lightning"
-    (pkg / "metrics").mkdir(parents=True)
-    for f in ("__init__.py", "metrics/__init__.py", "metrics/functional.py", "grpo_module.py"):
+    (pkg / "evaluation" / "metrics").mkdir(parents=True)
+    (pkg / "primitives").mkdir()
+    (pkg / "modules").mkdir()
+    for f in ("__init__.py", "evaluation/__init__.py", "evaluation/metrics/__init__.py",
+              "evaluation/metrics/functional.py", "modules/__init__.py", "modules/grpo.py", "primitives/__init__.py"):
         (pkg / f).write_text("")
-    src = pkg / "rouge.py"
-    src.write_text("def f():\n    from rerule_lightning.grpo_module import GRPOUnlearningModule\n"
-                   "from rerule_lightning.metrics import functional as F\nfrom . import grpo_module\n")
-    assert _imports(src, tmp_path) == {"rerule_lightning.grpo_module", "rerule_lightning.metrics.functional"}
+    src = pkg / "primitives" / "rouge.py"
+    src.write_text("def f():\n    from rerule_lightning.modules.grpo import GRPOUnlearningModule\n"
+                   "from rerule_lightning.evaluation.metrics import functional as F\nfrom ..modules import grpo\n")
+    assert _imports(src, tmp_path) == {"rerule_lightning.modules.grpo",
+                                       "rerule_lightning.evaluation.metrics.functional"}
 
 
 def test_no_import_circles() -> None:
@@ -175,10 +184,10 @@ def test_short_names_are_the_defining_objects() -> None:
     import rerule_lightning as r
     from callbacks.replay import HardCaseReplayCallback, RandomReplayCallback
     from datamodules.forget_retain import ForgetRetainDataModule
-    from rerule_lightning.evaluator import UnlearningEvaluator
-    from rerule_lightning.grpo_module import GRPOUnlearningModule
-    from rerule_lightning.prepare import prepare
-    from rerule_lightning.report import report
+    from rerule_lightning.cli.prepare import prepare
+    from rerule_lightning.cli.report import report
+    from rerule_lightning.evaluation.evaluator import UnlearningEvaluator
+    from rerule_lightning.modules.grpo import GRPOUnlearningModule
 
     assert r.GRPOUnlearningModule is GRPOUnlearningModule and r.UnlearningEvaluator is UnlearningEvaluator
     assert r.prepare_embedded is prepare and r.report_runs is report

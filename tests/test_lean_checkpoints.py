@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from datamodules.forget_retain import ForgetRetainDataModule
-from rerule_lightning.checkpointing import frozen_state_keys, safe_load
-from rerule_lightning.grpo_module import GRPOUnlearningModule
-from rerule_lightning.policy import PolicyConfig
+from rerule_lightning.modules.grpo import GRPOUnlearningModule
+from rerule_lightning.primitives.checkpointing import frozen_state_keys, safe_load
+from rerule_lightning.primitives.policy import PolicyConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rerule_lightning.grpo import token_logprobs
-from rerule_lightning.grpo_module import GRPOUnlearningModule
-from rerule_lightning.rollout import pack_sequences
+from rerule_lightning.modules.grpo import GRPOUnlearningModule
+from rerule_lightning.primitives.rollout import pack_sequences
+from rerule_lightning.rl.grpo import token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "logprob_memory.py")
@@ -106,7 +106,7 @@ def _full_pass(model, p_ids, c_ids, c_mask, temperature: float) -> torch.Tensor:
 @pytest.mark.parametrize("buckets", [1, 3])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_shared_prefix_reference_equals_the_full_pass(temperature: float, buckets: int) -> None:
-    from rerule_lightning.logprobs import prompt_runs, shared_prefix_logprobs
+    from rerule_lightning.primitives.logprobs import prompt_runs, shared_prefix_logprobs
 
     model = _tiny_lm(1)
     prompts = [torch.tensor([1, 5, 6]), torch.tensor([1, 7]), torch.tensor([1, 8, 9, 10, 11])]
@@ -126,7 +126,7 @@ def test_shared_prefix_reference_equals_the_full_pass(temperature: float, bucket
 
 
 def test_module_reference_pass_uses_the_shared_prefix_only_without_grad(monkeypatch) -> None:
-    import rerule_lightning.logprobs as lp
+    import rerule_lightning.primitives.logprobs as lp
 
     module = GRPOUnlearningModule(temperature=1.0, beta=0.1)
     module.model, module.ref_model = _tiny_lm(0), _tiny_lm(2)
@@ -148,7 +148,7 @@ def test_module_reference_pass_uses_the_shared_prefix_only_without_grad(monkeypa
 
 
 def test_length_buckets_sort_and_split() -> None:
-    from rerule_lightning.logprobs import length_buckets
+    from rerule_lightning.primitives.logprobs import length_buckets
 
     assert length_buckets([3, 1, 2, 1], max_buckets=2, min_rows=2) == [[1, 3], [2, 0]]
     assert length_buckets([3, 1, 2], max_buckets=4, min_rows=16) == [[1, 2, 0]]  # too few rows: one bucket

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from datamodules.sft import EmbeddedSFTDataModule
-from rerule_lightning.policy import PolicyConfig, build_policy, load_tokenizer, reference_context
-from rerule_lightning.sft import SFTModule
+from rerule_lightning.modules.sft import SFTModule
+from rerule_lightning.primitives.policy import PolicyConfig, build_policy, load_tokenizer, reference_context
 
 
 def _rs_fit(tiny: dict, peft: str, export: Path, merged: bool) -> SFTModule:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from rerule_lightning.metrics import (
+from rerule_lightning.evaluation.metrics import (
     AnswerAccuracy,
     AnswerProbability,
     ExtractionStrength,
@@ -43,8 +43,8 @@ from rerule_lightning.metrics import (
     truth_ratio,
     verbmem_scores,
 )
-from rerule_lightning.metrics.functional import fluency_tokens
-from rerule_lightning.rouge import rouge_l
+from rerule_lightning.evaluation.metrics.functional import fluency_tokens
+from rerule_lightning.primitives.rouge import rouge_l
 
 LN2, LN4, LN8 = math.log(2), math.log(4), math.log(8)
 
@@ -204,7 +204,7 @@ def test_fluency_by_hand() -> None:
 def test_refusal_rate() -> None:
     preds = ["Sorry, I can't.", "Paris.", "sorry no", "It is Rome."]
     assert refusal_rate(preds, refusal_fn=_sorry) == pytest.approx(0.5)
-    # default detector (rerule_lightning.rewards.is_refusal)
+    # default detector (rerule_lightning.rl.rewards.is_refusal)
     assert refusal_rate(["I'm sorry, but I can't share information about that.",
                          "The capital of France is Paris."]) == pytest.approx(0.5)
     assert math.isnan(refusal_rate([], refusal_fn=_sorry))

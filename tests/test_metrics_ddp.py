@@ -46,7 +46,7 @@ def _data() -> dict[str, Any]:
 
 def _compute_all(items: slice) -> dict[str, Any]:
     """Update every metric with ``items`` (no update at all when empty) and compute them."""
-    from rerule_lightning.metrics import (
+    from rerule_lightning.evaluation.metrics import (
         AnswerAccuracy,
         ExtractionStrength,
         ForgetQuality,
@@ -74,7 +74,7 @@ def _compute_all(items: slice) -> dict[str, Any]:
         m.to("cpu")  # a device move must not break float64 state gathering
     if items.stop is None or items.stop > (items.start or 0):
         scores = torch.nan_to_num(  # [n]
-            __import__("rerule_lightning.metrics", fromlist=["min_k_percent"]).min_k_percent(
+            __import__("rerule_lightning.evaluation.metrics", fromlist=["min_k_percent"]).min_k_percent(
                 d["lp"][items], d["mask"][items]), nan=0.0)
         metrics["answer_accuracy"].update(d["preds"][items], d["values"][items])
         metrics["rouge_l_recall"].update(d["preds"][items], d["refs"][items])

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from datamodules.forget_retain import ForgetRetainDataModule
-from rerule_lightning.grpo import LOSS_TYPES, aggregate_parts
-from rerule_lightning.grpo_module import GRPOUnlearningModule
-from rerule_lightning.micro_batch import micro_batches, normaliser, partial_loss
-from rerule_lightning.policy import PolicyConfig
-from rerule_lightning.rollout import RolloutGroup
+from rerule_lightning.modules.grpo import GRPOUnlearningModule
+from rerule_lightning.primitives.policy import PolicyConfig
+from rerule_lightning.primitives.rollout import RolloutGroup
+from rerule_lightning.rl.grpo import LOSS_TYPES, aggregate_parts
+from rerule_lightning.rl.micro_batch import micro_batches, normaliser, partial_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,8 +9,8 @@ import pytest
 from test_bad_input import Env, _other_model
 from test_safe_loading import tiny_checkpoint
 
-from rerule_lightning.cli import main
-from rerule_lightning.tracking import ARTIFACT_DIR, default_artifact_location
+from rerule_lightning.cli.commands import main
+from rerule_lightning.tracking.logger import ARTIFACT_DIR, default_artifact_location
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,8 +16,8 @@ import psutil
 import pytest
 from test_mlflow_server import _free_port, mlflow_server  # noqa: F401 - the fixture (one server per module)
 
-from rerule_lightning.cli import main
-from rerule_lightning.tracking import relog_metrics
+from rerule_lightning.cli.commands import main
+from rerule_lightning.tracking.logger import relog_metrics
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -75,7 +75,7 @@ def test_unreachable_server_fails_before_training(tiny_prepared: dict, tmp_path:
 
 def test_run_that_raises_is_marked_failed(mlflow_server: str, tiny_prepared: dict,  # noqa: F811
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rerule_lightning.grpo_module as grpo_module
+    import rerule_lightning.modules.grpo as grpo_module
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(grpo_module, "build_reward", lambda name, weights=None: lambda *a, **k: [float("nan")] * len(a[0]))
@@ -93,7 +93,7 @@ def test_server_killed_mid_run_training_finishes_and_metrics_are_kept(
         mlflow_server: str, tiny_prepared: dict, tmp_path: Path,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Runs last in this module: it kills the module's server."""
-    from rerule_lightning.grpo_module import GRPOUnlearningModule
+    from rerule_lightning.modules.grpo import GRPOUnlearningModule
 
     def kill_after_second_step(self: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.global_step == 2:
@@ -101,7 +101,7 @@ def test_server_killed_mid_run_training_finishes_and_metrics_are_kept(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(GRPOUnlearningModule, "on_train_batch_end", kill_after_second_step, raising=False)
-    caplog.set_level(logging.WARNING, logger="rerule_lightning.tracking")
+    caplog.set_level(logging.WARNING, logger="rerule_lightning.tracking.logger")
     rc = main(fit_args(tiny_prepared, tmp_path, mlflow_server, "outage", steps=5))
     assert rc == 0
     assert (tmp_path / "export" / "config.json").exists(), "training did not run to the end"
@@ -116,7 +116,7 @@ def test_server_killed_mid_run_training_finishes_and_metrics_are_kept(
 
     text = caplog.text
     assert str(csvs[0]) in text
-    command = f"python -m rerule_lightning.tracking relog {csvs[0]} --tracking_uri {mlflow_server} --run_id {run_id}"
+    command = f"python -m rerule_lightning.tracking.logger relog {csvs[0]} --tracking_uri {mlflow_server} --run_id {run_id}"
     assert command in text, text
 
     # the re-log path works (here into a local store, the server being gone)
@@ -135,7 +135,7 @@ def test_server_killed_mid_run_training_finishes_and_metrics_are_kept(
 def test_trainer_built_by_the_cli_and_run_directly_keeps_its_csv_under_default_root_dir(
         tiny_prepared: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`lightning_main(run=False)` + `trainer.fit` (as benchmarks do) binds the logger too: nothing lands in cwd."""
-    from rerule_lightning.cli import lightning_main
+    from rerule_lightning.cli.commands import lightning_main
     from tests.test_cli_configs import RULE, _rule_overrides
 
     cwd = tmp_path / "cwd"

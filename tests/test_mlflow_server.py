@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from rerule_lightning.cli import main
+from rerule_lightning.cli.commands import main
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

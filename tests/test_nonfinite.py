@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from datamodules.forget_retain import ForgetRetainDataModule
-from rerule_lightning.grpo_module import GRPOUnlearningModule
-from rerule_lightning.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
-from rerule_lightning.policy import PolicyConfig
+from rerule_lightning.modules.grpo import GRPOUnlearningModule
+from rerule_lightning.primitives.guards import NonFiniteCounter, NonFiniteError, all_finite, grads_finite
+from rerule_lightning.primitives.policy import PolicyConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -144,8 +144,8 @@ def test_cli_reports_the_stop_as_one_error_line(tiny_prepared: dict, tmp_path: P
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Through `rerule fit`: every reward NaN -> N skipped steps -> exit status 1 and one `rerule: error:` line."""
-    import rerule_lightning.grpo_module as gm
-    from rerule_lightning.cli import main
+    import rerule_lightning.modules.grpo as gm
+    from rerule_lightning.cli.commands import main
     from tests.test_cli_configs import QUIET, RULE, _rule_overrides
 
     monkeypatch.chdir(tmp_path)

@@ -12,10 +12,10 @@ import lightning as L
 import pytest
 import torch
 
-from rerule_lightning.cli import main
-from rerule_lightning.grpo import group_advantages
-from rerule_lightning.lightning_cli import lightning_main
-from rerule_lightning.rewards import WeightedReward, build_reward, rule_reward
+from rerule_lightning.cli.commands import main
+from rerule_lightning.cli.lightning_cli import lightning_main
+from rerule_lightning.rl.grpo import group_advantages
+from rerule_lightning.rl.rewards import WeightedReward, build_reward, rule_reward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

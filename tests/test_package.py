@@ -58,7 +58,7 @@ def test_console_script_without_command_is_a_usage_error() -> None:
 
 def test_prepare_help_documents_world_parameters(capsys: pytest.CaptureFixture[str]) -> None:
     # In-process (the console script is the same `main`; this avoids a second interpreter start-up).
-    from rerule_lightning.cli import main
+    from rerule_lightning.cli.commands import main
 
     with pytest.raises(SystemExit) as exc:
         main(["prepare", "--help"])

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rerule_lightning.evaluator import group_summary
-from rerule_lightning.grpo import kind_signal
-from rerule_lightning.paired import (
+from rerule_lightning.evaluation.evaluator import group_summary
+from rerule_lightning.rl.grpo import kind_signal
+from rerule_lightning.tracking.paired import (
     mean_over,
     paired_differences,
     paired_ratios,

@@ -16,10 +16,10 @@ from conftest import TINY_MODEL, TINY_TRAIN, TINY_WORLD
 
 from datamodules.embedded import load_world
 from datamodules.world import WorldConfig
-from rerule_lightning.generation import greedy_generate
-from rerule_lightning.prepare import SFTTrainConfig, prepare
-from rerule_lightning.prompting import format_prompt
-from rerule_lightning.sft import TinyLlamaConfig
+from rerule_lightning.cli.prepare import SFTTrainConfig, prepare
+from rerule_lightning.modules.sft import TinyLlamaConfig
+from rerule_lightning.primitives.generation import greedy_generate
+from rerule_lightning.primitives.prompting import format_prompt
 
 STAGES = ("world", "tokenizer", "target", "retain")
 # TINY_WORLD: 2 forget families -> 2 forget authors x 6 facts x 3 paraphrases; 4 world facts x 2 paraphrases

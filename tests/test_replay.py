@@ -13,9 +13,9 @@ import yaml
 from callbacks import HardCaseReplayCallback, PromptReplayCallback, RandomReplayCallback
 from callbacks.buffer import Entry, LabelStats
 from datamodules.forget_retain import ForgetRetainDataModule
-from rerule_lightning.grpo_module import GRPOUnlearningModule
-from rerule_lightning.policy import PolicyConfig
-from rerule_lightning.rollout import RolloutGroup
+from rerule_lightning.modules.grpo import GRPOUnlearningModule
+from rerule_lightning.primitives.policy import PolicyConfig
+from rerule_lightning.primitives.rollout import RolloutGroup
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,8 +18,8 @@ from callbacks.buffer import (
     quantile,
     running_advantages,
 )
-from rerule_lightning.grpo import group_advantages
-from rerule_lightning.rollout import RolloutGroup
+from rerule_lightning.primitives.rollout import RolloutGroup
+from rerule_lightning.rl.grpo import group_advantages
 
 
 def group(prompt_id: str, rewards: list[float], step: int = 0, label: str = "boundary",
@@ -160,7 +160,7 @@ def test_balanced_draw_gives_each_label_its_quota() -> None:
     import torch as _t
 
     from callbacks import HardCaseReplayCallback
-    from rerule_lightning.rollout import RolloutGroup as _G
+    from rerule_lightning.primitives.rollout import RolloutGroup as _G
 
     def group(pid: str, label: str) -> _G:
         return _G(prompt_id=pid, label=label, kind=label, prompt_ids=_t.tensor([1, 2]),

@@ -12,13 +12,13 @@ import lightning as L
 import pytest
 import torch
 
-import rerule_lightning.grpo_module as gm
+import rerule_lightning.modules.grpo as gm
 from callbacks import HardCaseReplayCallback
 from datamodules.forget_retain import ForgetRetainDataModule
-from rerule_lightning.grpo import k3_kl
-from rerule_lightning.grpo_module import GRPOUnlearningModule
-from rerule_lightning.policy import PolicyConfig
-from rerule_lightning.rollout import RolloutGroup
+from rerule_lightning.modules.grpo import GRPOUnlearningModule
+from rerule_lightning.primitives.policy import PolicyConfig
+from rerule_lightning.primitives.rollout import RolloutGroup
+from rerule_lightning.rl.grpo import k3_kl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from rerule_lightning.cli import main
-from rerule_lightning.report import RunInfo, mean_std, merge_unit, pareto_front
+from rerule_lightning.cli.commands import main
+from rerule_lightning.cli.report import RunInfo, mean_std, merge_unit, pareto_front
 
 PNGS = ["reward_vs_step.png", "forget_refusal_vs_step.png", "boundary_accuracy_vs_step.png",
         "replay_buffer_vs_step.png", "is_weights_vs_step.png", "forget_vs_retain_pareto.png"]
@@ -176,7 +176,7 @@ def test_report_errors_before_writing(store: str, tmp_path, capsys, args: list[s
 def test_tag_unit_tags_every_stage(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from rerule_lightning.report import tag_unit
+    from rerule_lightning.cli.report import tag_unit
 
     uri = f"sqlite:///{tmp_path / 'tags.db'}"
     client = MlflowClient(tracking_uri=uri)

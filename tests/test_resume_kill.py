@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from rerule_lightning.checkpointing import AtomicCheckpointIO, validate_checkpoint
+from rerule_lightning.primitives.checkpointing import AtomicCheckpointIO, validate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "configs" / "embedded" / "rule.yaml"
@@ -190,7 +190,7 @@ def test_sigkill_in_hybrid_phase_then_resume_equals_uninterrupted_run(tiny_prepa
 
 WRITER = '''
 import sys, torch
-from rerule_lightning.checkpointing import AtomicCheckpointIO
+from rerule_lightning.primitives.checkpointing import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 big = torch.arange(3_000_000, dtype=torch.float32)
 i = 1

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from rerule_lightning.rewards import (
+from rerule_lightning.primitives.rouge import rouge_l_recall
+from rerule_lightning.rl.rewards import (
     REWARD_FUNCTIONS,
     boundary_reward,
     forget_reward,
@@ -14,7 +15,6 @@ from rerule_lightning.rewards import (
     is_refusal,
     rule_reward,
 )
-from rerule_lightning.rouge import rouge_l_recall
 
 REFUSALS = [
     # The embedded world's refusal templates (datamodules/world.py), with a name filled in.

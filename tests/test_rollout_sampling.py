@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from datamodules.forget_retain import ForgetRetainDataModule
-from rerule_lightning.generation import end_at_stop_strings
-from rerule_lightning.grpo_module import GRPOUnlearningModule
-from rerule_lightning.policy import PolicyConfig
+from rerule_lightning.modules.grpo import GRPOUnlearningModule
+from rerule_lightning.primitives.generation import end_at_stop_strings
+from rerule_lightning.primitives.policy import PolicyConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

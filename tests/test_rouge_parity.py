@@ -1,4 +1,4 @@
-"""``rerule_lightning.rouge.rouge_l`` must equal each benchmark's reference implementation exactly: Google's
+"""``rerule_lightning.primitives.rouge.rouge_l`` must equal each benchmark's reference implementation exactly: Google's
 ``rouge_score`` (rougeL, stemmer on: TOFU; stemmer off: MUSE) and the ``rouge`` package (RWKU, RULE on RWKU)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 from rouge_score.rouge_scorer import RougeScorer
 
-from rerule_lightning.rouge import rouge_l, rouge_l_f1, rouge_l_recall
+from rerule_lightning.primitives.rouge import rouge_l, rouge_l_f1, rouge_l_recall
 
 _EDGE_CASES: list[tuple[str, str]] = [
     # (prediction, reference)

@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-from rerule_lightning.checkpointing import AtomicCheckpointIO, safe_load, validate_checkpoint
-from rerule_lightning.cli import lightning_main, main
+from rerule_lightning.cli.commands import lightning_main, main
+from rerule_lightning.primitives.checkpointing import AtomicCheckpointIO, safe_load, validate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "configs" / "embedded" / "rule.yaml"
@@ -36,8 +36,8 @@ def tiny_checkpoint(tiny_prepared: dict, directory: Path, steps: int = 3) -> Pat
 
     from callbacks.replay import HardCaseReplayCallback
     from datamodules.forget_retain import ForgetRetainDataModule
-    from rerule_lightning.grpo_module import GRPOUnlearningModule
-    from rerule_lightning.policy import PolicyConfig
+    from rerule_lightning.modules.grpo import GRPOUnlearningModule
+    from rerule_lightning.primitives.policy import PolicyConfig
 
     L.seed_everything(0, verbose=False)
     links = tiny_prepared["links"]
@@ -108,7 +108,7 @@ def test_resume_goes_through_the_weights_only_loader(tiny_prepared: dict, real_c
 def test_trust_remote_code_is_off_unless_a_config_sets_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
 
-    from rerule_lightning.policy import load_base_model, load_tokenizer
+    from rerule_lightning.primitives.policy import load_base_model, load_tokenizer
 
     seen: list[tuple[str, Any]] = []
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rerule_lightning.checkpointing import validate_checkpoint
+from rerule_lightning.primitives.checkpointing import validate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "configs" / "embedded" / "rule.yaml"
@@ -127,7 +127,7 @@ def test_sigterm_and_sigint_exit_non_zero_naming_the_checkpoint_and_resume(tiny_
 def test_a_signal_during_a_checkpoint_write_ends_with_the_same_line(monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture) -> None:
     """torch.save turns the KeyboardInterrupt of a SIGINT into a ``RuntimeError`` (the old traceback)."""
-    from rerule_lightning import cli
+    from rerule_lightning.cli import commands as cli
 
     def fit_interrupted_while_saving(argv: list[str]) -> None:
         try:
@@ -148,7 +148,7 @@ def test_a_signal_during_a_checkpoint_write_ends_with_the_same_line(monkeypatch:
 
 def test_the_run_is_marked_failed_when_the_logger_cannot_write_its_files(tmp_path: Path) -> None:
     """``finalize`` must still mark the run when ``run.json`` cannot be written (e.g. the root dir is a file)."""
-    from rerule_lightning.tracking import ResilientMLFlowLogger
+    from rerule_lightning.tracking.logger import ResilientMLFlowLogger
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from rerule_lightning.cli import main
-from rerule_lightning.lightning_cli import DEFAULT_THREADS, resolve_threads
+from rerule_lightning.cli.commands import main
+from rerule_lightning.cli.lightning_cli import DEFAULT_THREADS, resolve_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE = ROOT / "configs" / "embedded" / "rule.yaml"
@@ -68,7 +68,7 @@ def test_fit_default_and_environment(clean_threads: None, tmp_path: Path, monkey
 
 def test_pinned_count_is_in_the_logged_config(clean_threads: None, no_weight_loading: None, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from rerule_lightning.lightning_cli import lightning_main
+    from rerule_lightning.cli.lightning_cli import lightning_main
 
     monkeypatch.chdir(tmp_path)
     cli = lightning_main(["fit", "--config", str(RULE), "--trainer.logger", "false"], run=False)
@@ -97,9 +97,9 @@ def test_prepare_flag_sets_the_thread_count(clean_threads: None, capsys: pytest.
 
 def test_demo_passes_the_count_on_to_every_stage(clean_threads: None, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import rerule_lightning.lightning_cli as lightning_cli
-    import rerule_lightning.prepare as prepare
-    import rerule_lightning.report as report
+    import rerule_lightning.cli.lightning_cli as lightning_cli
+    import rerule_lightning.cli.prepare as prepare
+    import rerule_lightning.cli.report as report
 
     calls: list[list[str]] = []
 

@@ -19,8 +19,8 @@ from datamodules.embedded import (
     world_texts,
 )
 from datamodules.world import CITIES, REFUSAL_TEMPLATES, WorldConfig, generate_world
-from rerule_lightning.prompting import format_answer, format_prompt
-from rerule_lightning.sft import IGNORE_INDEX, collate_right_padded, sft_loss, tokenize_pair
+from rerule_lightning.modules.sft import IGNORE_INDEX, collate_right_padded, sft_loss, tokenize_pair
+from rerule_lightning.primitives.prompting import format_answer, format_prompt
 
 # 5 families of 3: 2 forget authors, 4 boundary-hard, 6 boundary-easy, 3 retain; 4 world facts.
 WORLD = dict(seed=0, num_families=5, authors_per_family=3, num_forget_families=2, num_boundary_easy_families=2,

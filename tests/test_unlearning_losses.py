@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rerule_lightning.prompting import IGNORE_INDEX
+from rerule_lightning.primitives.prompting import IGNORE_INDEX
 from rerule_lightning.unlearning import losses
 
 IGN = IGNORE_INDEX

@@ -22,7 +22,7 @@ from datamodules.world import (
     generate_world,
     value_pools,
 )
-from rerule_lightning.prompting import format_prompt
+from rerule_lightning.primitives.prompting import format_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 AUTHOR_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "holdout")

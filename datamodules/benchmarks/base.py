@@ -1,9 +1,9 @@
 """``BenchmarkDataModule``: the common part of the real benchmarks (TOFU, MUSE-Books, MUSE-News, RWKU).
 
 A subclass loads and validates its rows (:meth:`load_raw`), builds the RL prompt pool (:meth:`build_rl_pool`),
-the evaluation items per split (:meth:`build_eval_items`), its :class:`~rerule_lightning.eval_suite.EvalSuite`
+the evaluation items per split (:meth:`build_eval_items`), its :class:`~rerule_lightning.evaluation.suite.EvalSuite`
 (:meth:`build_suite`) and the rejection-steering pairs (:meth:`refusal_pairs`, :meth:`anchor_pairs`). The base
-renders every prompt with one function (:func:`rerule_lightning.prompting.format_prompt`), enforces "never
+renders every prompt with one function (:func:`rerule_lightning.primitives.prompting.format_prompt`), enforces "never
 train on evaluation probes", serves balanced RL batches (:class:`~datamodules.forget_retain.BalancedPromptBatches`)
 and one evaluation dataloader per split.
 
@@ -32,9 +32,9 @@ import lightning as L
 from lightning.pytorch.utilities.parsing import save_hyperparameters
 
 from datamodules.forget_retain import PROMPT_COLUMNS, BalancedPromptBatches, PromptPoolLoaders
-from rerule_lightning.eval_report import ReferenceItems
-from rerule_lightning.eval_suite import EvalSuite
-from rerule_lightning.prompting import format_prompt
+from rerule_lightning.evaluation.suite import EvalSuite
+from rerule_lightning.modules.eval_hooks import ReferenceItems
+from rerule_lightning.primitives.prompting import format_prompt
 
 EVAL_COLUMNS = ("id", "split", "prompt", "question", "answer", "value", "paraphrased_answer", "perturbed_answer",
                 "target")
@@ -171,7 +171,7 @@ class BenchmarkDataModule(PromptPoolLoaders, L.LightningDataModule):
         raise NotImplementedError
 
     def chat_options(self) -> dict[str, Any]:
-        """Extra :func:`~rerule_lightning.prompting.format_prompt` arguments of the chat format (``system_prompt``,
+        """Extra :func:`~rerule_lightning.primitives.prompting.format_prompt` arguments of the chat format (``system_prompt``,
         ``date_string``; default none)."""
         return {}
 

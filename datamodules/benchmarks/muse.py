@@ -45,8 +45,8 @@ from typing import Any, Literal
 
 from datamodules.benchmarks.base import BenchmarkDataModule, data_note
 from datamodules.benchmarks.sources import SchemaError, is_local, load_validated, local_candidates
-from rerule_lightning.eval_suite import EvalSuite, SplitSpec
-from rerule_lightning.prompting import format_prompt
+from rerule_lightning.evaluation.suite import EvalSuite, SplitSpec
+from rerule_lightning.primitives.prompting import format_prompt
 
 MUSE_SCHEMAS: dict[str, dict[str, str]] = {
     "raw": {"text": "text"},

@@ -1,4 +1,4 @@
-"""Rejection steering (RULE's first stage) on any real benchmark: SFT pairs for :class:`rerule_lightning.sft.SFTModule`.
+"""Rejection steering (RULE's first stage) on any real benchmark: SFT pairs for :class:`rerule_lightning.modules.sft.SFTModule`.
 
 A seeded ``refusal_fraction`` of the benchmark's :meth:`~datamodules.benchmarks.base.BenchmarkDataModule.refusal_pairs`
 (forget questions answered with a refusal that names the target, e.g. "That's beyond my knowledge of X.")
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.benchmarks.base import BenchmarkDataModule, data_note, normalise_question, probe_index
-from rerule_lightning.prompting import collate_right_padded, format_answer, tokenize_pair
+from rerule_lightning.primitives.prompting import collate_right_padded, format_answer, tokenize_pair
 
 
 def select_pairs(refusals: list[dict], anchors: list[dict], refusal_fraction: float, retain_anchor_ratio: float,
@@ -79,7 +79,7 @@ class RejectionSteeringDataModule(L.LightningDataModule):
         self.benchmark.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
-        from rerule_lightning.policy import PolicyConfig, load_tokenizer
+        from rerule_lightning.primitives.policy import PolicyConfig, load_tokenizer
 
         bench, h = self.benchmark, self.hparams
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)

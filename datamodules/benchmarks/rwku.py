@@ -72,10 +72,10 @@ from datamodules.benchmarks.rwku_prompts import (  # noqa: F401  (re-exported: t
     wrap_query,
 )
 from datamodules.benchmarks.sources import SchemaError, is_local, load_validated, local_candidates
-from rerule_lightning.eval_report import dir_signature
-from rerule_lightning.eval_suite import EvalSuite, SplitSpec
-from rerule_lightning.generation import greedy_generate
-from rerule_lightning.jsonio import write_json_atomic
+from rerule_lightning.evaluation.suite import EvalSuite, SplitSpec
+from rerule_lightning.modules.eval_hooks import dir_signature
+from rerule_lightning.primitives.generation import greedy_generate
+from rerule_lightning.primitives.jsonio import write_json_atomic
 
 RWKU_PROBE_SCHEMA = {"subject": "text", "query": "text", "answer": "text", "level": "str", "type": "str"}
 RWKU_SCHEMAS: dict[str, dict[str, str]] = {
@@ -159,7 +159,7 @@ REFUSALS = ("That's beyond my knowledge of {t}.", "I don't have any information 
 
 
 def rwku_suite() -> EvalSuite:
-    """RWKU's numbers: ROUGE-L recall (RWKU's own, the ``rouge`` package's: :func:`rerule_lightning.rouge.rwku_rouge_l`)
+    """RWKU's numbers: ROUGE-L recall (RWKU's own, the ``rouge`` package's: :func:`rerule_lightning.primitives.rouge.rwku_rouge_l`)
     of 30-token greedy answers (cut at a newline) on forget levels 1-3 and neighbour levels 1-2, and fluency (weighted 2/3-gram entropy of 256-token answers to the fluency set)."""
     probe = {"max_new_tokens": 30, "stop": ["\n"], "teacher_forced": False, "rouge": "rwku"}
     splits = [SplitSpec(s, **probe) for s in RWKU_EVAL_SPLITS[:5]]

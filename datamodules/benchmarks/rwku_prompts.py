@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rerule_lightning.prompting import format_prompt
+from rerule_lightning.primitives.prompting import format_prompt
 
 QUESTION_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("Who is {e}?", "{e} is best described as ___."),
@@ -228,7 +228,7 @@ def render_rwku(row: dict[str, Any], chat: bool, tokenizer: Any = None) -> str:
     """The prompt the model sees: the wrapped query in the chat template (or as is in the raw format) + suffix.
 
     Every consumer prepends the bos id, so the template's own leading bos text is dropped
-    (:func:`rerule_lightning.prompting.format_prompt`)."""
+    (:func:`rerule_lightning.primitives.prompting.format_prompt`)."""
     if row.get("style") == "text":
         return ""
     user, suffix = wrap_query(row["question"], row["style"])

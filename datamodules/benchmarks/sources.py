@@ -133,7 +133,7 @@ def load_rows_with_path(source: str, config: str, split: str, dataset: str = "",
                                     + ", ".join(tried))
         rows = _read_parquet(path) if path.endswith(".parquet") else _read_json_lines(path, name, config, split)
     else:
-        from rerule_lightning.policy import looks_local
+        from rerule_lightning.primitives.policy import looks_local
 
         if looks_local(source):
             raise FileNotFoundError(f"{name} config {config!r} split {split!r}: source directory {source!r} "

@@ -36,7 +36,7 @@ from datamodules.benchmarks.base import BenchmarkDataModule, normalise_question
 from datamodules.benchmarks.sources import SchemaError, load_rows_with_path, validate_rows
 from datamodules.benchmarks.tofu_authors import author_name, group_by_author, profile_tokens, rank_by_nearness
 from datamodules.world import REFUSAL_TEMPLATES
-from rerule_lightning.eval_suite import EvalSuite, SplitSpec
+from rerule_lightning.evaluation.suite import EvalSuite, SplitSpec
 
 #: open-unlearning's TOFU chat prompt: the system message and fixed date its targets were fine-tuned with.
 TOFU_SYSTEM_PROMPT = "You are a helpful assistant."

@@ -1,6 +1,6 @@
 """Loss-based unlearning baselines as pure functions: GA, GradDiff, NPO, SimNPO, (Idk)DPO, RMU and the retain
 regularisers GDR / KLR (:mod:`rerule_lightning.unlearning.losses`). The Lightning glue that trains with them is
-:class:`rerule_lightning.loss_module.LossUnlearningModule`."""
+:class:`rerule_lightning.modules.loss.LossUnlearningModule`."""
 
 from __future__ import annotations
 

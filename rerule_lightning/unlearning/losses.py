@@ -4,7 +4,7 @@ Notation (REFERENCE "Baseline losses"): for an answer y to a prompt x, the seque
 ℓ_θ(y|x) = Σ_t log π_θ(y_t | x, y_<t) over the answer tokens; |y| is the number of answer tokens; σ is the
 logistic sigmoid; "ref" is the model before unlearning (frozen). Every loss here is *minimised*.
 
-Labels follow :mod:`rerule_lightning.prompting`: ``[B, L]`` token ids with prompt and padding positions set to
+Labels follow :mod:`rerule_lightning.primitives.prompting`: ``[B, L]`` token ids with prompt and padding positions set to
 ``IGNORE_INDEX``; the logit at position t predicts the label at t + 1.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rerule_lightning.prompting import IGNORE_INDEX
+from rerule_lightning.primitives.prompting import IGNORE_INDEX
 
 
 def answer_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
