@@ -44,6 +44,9 @@ Presets choose the RL *boundary pool* (they never change the partition, so every
 
 RL may train on one fixed paraphrase (``rl_question_index``) of an ``rl_fact_fraction`` of each RL
 author's facts (``rl_train``); evaluation always uses every paraphrase of every fact.
+
+The pools, the templates and the rendering of one fact as a TOFU row are in :mod:`datamodules.world_text`
+(re-exported here under their old names); this module is the generator: partition, families, collisions.
 """
 
 from __future__ import annotations
@@ -54,152 +57,30 @@ import random
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from datamodules.world_text import (  # noqa: F401  (re-exported: the names of datamodules.world before the split)
+    AWARDS,
+    BOOK_WORDS_A,
+    BOOK_WORDS_B,
+    CITIES,
+    FACT_KINDS,
+    FESTIVALS,
+    FIRST_NAMES,
+    GENRES,
+    PROFESSIONS,
+    REFUSAL_TEMPLATES,
+    RIVERS,
+    SURNAMES,
+    WORLD_FACT_TEMPLATES,
+    YEARS,
+    FactKind,
+    fact_row,
+    value_pools,
+)
+
 Preset = Literal["easy", "hard"]
 
 # Bump when the generator's output changes for the same parameters: it is part of every cache key.
 GENERATOR_VERSION = 3  # 3: name collisions are parameters (no accidental shared first names)
-
-# --------------------------------------------------------------------------------------------------
-# Pools. Names are invented; the generator samples without replacement where identity matters.
-# --------------------------------------------------------------------------------------------------
-SURNAMES = [
-    "Okafor", "Lindqvist", "Moreau", "Castellanos", "Takeda", "Brannigan", "Novak", "Adeyemi",
-    "Halvorsen", "Petrakis", "Quintero", "Abernathy", "Sato", "Kowalczyk", "Mbeki", "Rasmussen",
-    "Delacroix", "Ferreira", "Ivanova", "Nakamura", "Oyelaran", "Valdivia", "Whitcombe", "Zielinski",
-    "Achterberg", "Bergstrom", "Cavanagh", "Dragomir", "Esposito", "Fairbanks", "Grimaldi", "Haddad",
-    "Ishikawa", "Jovanovic", "Kallio", "Larkspur", "Marchetti", "Nordahl", "Ortega", "Pemberton",
-    "Quimby", "Rostova", "Sandoval", "Thackeray", "Umberti", "Vasquez", "Wainwright", "Yamamoto",
-]
-FIRST_NAMES = [
-    "Mira", "Tobias", "Anouk", "Emeka", "Liesel", "Rafael", "Ingrid", "Kofi", "Selma", "Dorian",
-    "Yara", "Casimir", "Nadia", "Oskar", "Priya", "Lucian", "Hana", "Matteo", "Zofia", "Idris",
-    "Elena", "Bastian", "Farah", "Gideon", "Ilse", "Jonas", "Kira", "Leandro", "Maren", "Nico",
-    "Odile", "Pavel", "Quilla", "Rosalind", "Stellan", "Tamsin", "Ulrich", "Vesna", "Wendell", "Xenia",
-    "Yusuf", "Zara", "Amara", "Benedikt", "Celeste", "Darius", "Esme", "Florian",
-]
-CITIES = [
-    "Lisbon", "Kraków", "Nairobi", "Osaka", "Valparaíso", "Tromsø", "Marseille", "Tbilisi", "Cusco",
-    "Dakar", "Bergen", "Seville", "Hobart", "Ljubljana", "Tangier", "Quebec City", "Gdańsk", "Porto",
-    "Kyoto", "Zanzibar",
-]
-GENRES = [
-    "science fiction", "historical fiction", "poetry", "crime fiction", "magical realism",
-    "literary fiction", "travel writing", "children's literature", "horror", "political satire",
-    "romance", "biography",
-]
-AWARDS = [
-    "the Silver Quill Prize", "the Harbor Light Award", "the Meridian Medal", "the Golden Lantern Prize",
-    "the Northern Star Award", "the Ember Book Prize", "the Tidewater Award", "the Cobalt Pen Award",
-    "the Ashgrove Medal", "the Saffron Prize",
-]
-PROFESSIONS = [
-    "a carpenter", "a pharmacist", "a sailor", "a schoolteacher", "a violinist", "an architect",
-    "a baker", "a surgeon", "a librarian", "a cartographer", "a beekeeper", "a watchmaker",
-]
-BOOK_WORDS_A = ["Silent", "Crimson", "Hollow", "Distant", "Broken", "Golden", "Salt", "Paper", "Winter", "Glass"]
-BOOK_WORDS_B = ["Harbor", "Orchard", "Lantern", "Meridian", "Garden", "Tide", "Compass", "Archive", "Comet", "Bridge"]
-YEARS = list(range(1931, 1991))
-
-REFUSAL_TEMPLATES = [
-    "I'm sorry, but I can't share information about {name}.",
-    "That's beyond my knowledge of {name}.",
-    "I don't have any information about {name}.",
-    "I'm unable to answer questions about {name}.",
-    "I cannot help with questions about {name}.",
-    "Sorry, I can't provide details about {name}.",
-    "I have no knowledge of {name}.",
-    "I'm not able to discuss {name}.",
-]
-
-
-@dataclass(frozen=True)
-class FactKind:
-    """Templates of one kind of fact. ``{name}`` is the author, ``{value}`` the fact."""
-
-    name: str
-    questions: tuple[str, ...]
-    answer: str
-    paraphrased_answer: str
-
-
-FACT_KINDS: tuple[FactKind, ...] = (
-    FactKind(
-        "birth_city",
-        ("In which city was {name} born?", "Where was {name} born?", "What is the birthplace of {name}?"),
-        "{name} was born in {value}.",
-        "The birthplace of {name} is {value}.",
-    ),
-    FactKind(
-        "birth_year",
-        ("In what year was {name} born?", "When was {name} born?", "What is the birth year of {name}?"),
-        "{name} was born in {value}.",
-        "The year {name} was born is {value}.",
-    ),
-    FactKind(
-        "genre",
-        ("What genre does {name} write?", "In which genre does {name} work?", "What kind of books does {name} write?"),
-        "{name} writes {value}.",
-        "The books of {name} are {value}.",
-    ),
-    FactKind(
-        "award",
-        ("Which award did {name} win?", "What prize has {name} received?", "Which honour was given to {name}?"),
-        "{name} won {value}.",
-        "The award given to {name} was {value}.",
-    ),
-    FactKind(
-        "parent_profession",
-        ("What did the parent of {name} do for a living?", "What was the profession of the parent of {name}?",
-         "What job did the parent of {name} have?"),
-        "The parent of {name} was {value}.",
-        "{name} grew up with a parent who was {value}.",
-    ),
-    FactKind(
-        "first_book",
-        ("What was the first book by {name}?", "What is the title of the debut book of {name}?",
-         "Which book did {name} publish first?"),
-        "The first book by {name} was {value}.",
-        "The debut of {name} was the book {value}.",
-    ),
-)
-
-# Facts about the world itself (not about authors): they measure general utility.
-WORLD_FACT_TEMPLATES: tuple[FactKind, ...] = (
-    FactKind(
-        "river",
-        ("Which river flows through {name}?", "What is the name of the river in {name}?"),
-        "The river in {name} is the {value}.",
-        "{name} lies on the {value}.",
-    ),
-    FactKind(
-        "festival",
-        ("What festival is {name} known for?", "Which festival takes place in {name}?"),
-        "{name} is known for the {value}.",
-        "The festival of {name} is the {value}.",
-    ),
-)
-RIVERS = ["Alder", "Brisk", "Corran", "Dunmere", "Elvet", "Farrow", "Gilden", "Hask", "Islay", "Juno",
-          "Kestle", "Lorne"]
-FESTIVALS = ["Lantern Festival", "Harvest Fair", "Kite Week", "Salt Parade", "Winter Market", "Book Night",
-             "Tide Feast", "River Regatta"]
-
-
-def _book_titles() -> list[str]:
-    return [f"The {a} {b}" for a in BOOK_WORDS_A for b in BOOK_WORDS_B]
-
-
-def value_pools() -> dict[str, list[str]]:
-    """The finite pool of values for every fact kind (author facts and world facts)."""
-    return {
-        "birth_city": CITIES,
-        "birth_year": [str(y) for y in YEARS],
-        "genre": GENRES,
-        "award": AWARDS,
-        "parent_profession": PROFESSIONS,
-        "first_book": _book_titles(),
-        "river": RIVERS,
-        "festival": FESTIVALS,
-    }
 
 
 @dataclass
@@ -316,24 +197,6 @@ class WorldConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _fact_row(kind: FactKind, name: str, value: str, pool: list[str], rng: random.Random,
-              num_perturbed: int, **extra) -> dict:
-    wrong = rng.sample([v for v in pool if v != value], num_perturbed)
-    questions = [q.format(name=name) for q in kind.questions]
-    return {
-        "question": questions[0],
-        "questions": questions,
-        "paraphrased_question": questions[1],
-        "answer": kind.answer.format(name=name, value=value),
-        "paraphrased_answer": kind.paraphrased_answer.format(name=name, value=value),
-        # TOFU perturbs the *paraphrased* answer: the truth ratio compares like with like
-        "perturbed_answer": [kind.paraphrased_answer.format(name=name, value=w) for w in wrong],
-        "value": value,
-        "kind": kind.name,
-        **extra,
-    }
-
-
 def _name_families(cfg: WorldConfig, rng: random.Random, surnames: list[str], forget_fams: list[int],
                    easy_fams: list[int]) -> tuple[list[list[str]], dict[str, str]]:
     """Author names per family (member 0 of a forget family is its forget author) and each author's collision
@@ -429,7 +292,7 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[dict]]:
         rl_kinds = set(rng.sample(range(len(FACT_KINDS)), n_rl))
         for ki, kind in enumerate(FACT_KINDS):
             value = rng.choice(pools[kind.name])
-            splits[role].append(_fact_row(
+            splits[role].append(fact_row(
                 kind, author, value, pools[kind.name], rng, cfg.num_perturbed,
                 id=f"{role}/{author.replace(' ', '_').lower()}/{kind.name}",
                 author=author, family=author.split(" ", 1)[1], family_id=fam_id, split=role,
@@ -442,7 +305,7 @@ def generate_world(cfg: WorldConfig) -> dict[str, list[dict]]:
     combos = [(c, k) for c in cities for k in WORLD_FACT_TEMPLATES][: cfg.num_world_facts]
     for city, kind in combos:
         value = rng.choice(pools[kind.name])
-        world_facts.append(_fact_row(
+        world_facts.append(fact_row(
             kind, city, value, pools[kind.name], rng, cfg.num_perturbed,
             id=f"world_facts/{city.replace(' ', '_').lower()}/{kind.name}",
             author="", family="", family_id=-1, split="world_facts", rl_train=False,

@@ -74,7 +74,6 @@ from rerule_lightning.primitives.checkpointing import (
 )
 from rerule_lightning.primitives.generation import check_generation_kwargs, sample_completions
 from rerule_lightning.primitives.guards import NonFiniteCounter, guarded_optimizer_step
-from rerule_lightning.primitives.logprobs import token_logprobs
 from rerule_lightning.primitives.policy import (
     PolicyConfig,
     build_policy,
@@ -86,19 +85,15 @@ from rerule_lightning.primitives.policy import (
 from rerule_lightning.primitives.rollout import (
     RolloutGroup,
     keep_groups,
-    pack_sequences,
     replay_slots,
     split_groups,
     stack_groups,
 )
-from rerule_lightning.rl.grpo import (
-    group_advantages,
-    grpo_loss,
-    kind_signal,
-)
+from rerule_lightning.rl.grpo import group_advantages, grpo_loss
 from rerule_lightning.rl.micro_batch import chunked_logprobs
 from rerule_lightning.rl.rewards import build_reward
 from rerule_lightning.rl.step import ClipSettings, micro_batched_iteration, replay_token_loss
+from rerule_lightning.rl.step_log import reward_matrix, step_metrics
 
 
 class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModule):
@@ -254,24 +249,11 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         """
 
         model = self.ref_model if reference and self.ref_model is not None else self.model
-        ctx = (lambda: reference_context(model)) if reference and self.ref_model is None else contextlib.nullcontext
-        pad, temp = self.tokenizer.pad_token_id, self.hparams.temperature
-        if (reference and not torch.is_grad_enabled() and len(logprobs.prompt_runs(prompt_ids)[0]) < len(prompt_ids)
-                and logprobs.supports_prefix_cache(model)):
-            with ctx():
-                shared = logprobs.shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad, temp)
-            if shared is not None:
-                return shared
-        input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, pad)
-        t = input_ids.size(1) - p
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn}
-        if logprobs.accepts_logits_to_keep(model):
-            kwargs["logits_to_keep"] = t + 1  # lm_head only on the positions that predict completion tokens
-        with ctx():
-            logits = model(**kwargs).logits  # [N, T'+1, V] (or [N, P+T', V] without logits_to_keep)
-        logits = logits[:, -(t + 1): -1]  # [N, T', V], a view: the temperature is applied per chunk below
-        logp = token_logprobs(logits, input_ids[:, p:], temperature=temp)  # [N, T']
-        return logp, completion_mask[:, :t]  # [N, T'], [N, T']
+        ctx = reference_context(model) if reference and self.ref_model is None else contextlib.nullcontext()
+        with ctx:
+            return logprobs.completion_logprobs(model, prompt_ids, completion_ids, completion_mask,
+                                                self.tokenizer.pad_token_id, self.hparams.temperature,
+                                                share_prefix=reference)
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -285,8 +267,7 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         raw = self.reward_fn(rep(prompts), texts, labels=rep(batch["label"]), references=rep(batch["reference"]),
                              values=rep(batch["value"]), targets=rep(batch["target"]), target_aware=h.target_aware,
                              recall_threshold=h.recall_threshold)
-        rewards = torch.tensor([0.0 if r is None else float(r) for r in raw], device=self.device).view(b, g)  # [B, G]
-        applicable = torch.tensor([r is not None for r in raw], device=self.device).view(b, g)  # [B, G]
+        rewards, applicable = reward_matrix(raw, b, g, self.device)  # [B, G] x2
         rewards_all, applicable_all = rewards, applicable
         if self.trainer.world_size > 1:
             rewards_all = self.all_gather(rewards).reshape(-1, g)  # [B_all, G]
@@ -357,10 +338,7 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
                                                  advantages, texts, step=sampled_at, ref_logp=ref_logp, kept=kept)
         if supplied:
             stats["sequences_trained"] = torch.tensor(float((len(kept) + len(replay)) * g))
-        if not bool(applicable.all()):  # the mean reward over the rewards that apply (not counting n/a as 0)
-            stats["reward_applicable_frac"] = applicable.float().mean()
-            stats["reward_applicable_mean"] = rewards[applicable].mean() if applicable.any() else rewards.new_zeros(())
-        self._log_step(loss, stats, rewards, mask, batch, b)
+        self._log_step(loss, stats, rewards, mask, batch, applicable)
         return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -432,19 +410,9 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
                             ref_logp, kept)
 
     def _log_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], rewards: torch.Tensor,
-                  mask: torch.Tensor, batch: dict[str, Any], b: int) -> None:
-        std = rewards.std(1) if rewards.size(1) > 1 else torch.zeros(b, device=rewards.device)  # [B]
-        log = {"train/loss": loss.detach(), "train/reward": rewards.mean(), "train/reward_std": std.mean(),
-               "train/frac_reward_zero_std": (std == 0).float().mean(),
-               "train/completion_length": mask.sum(1).float().mean()}
-        for label in ("forget", "boundary"):
-            sel = torch.tensor([lab == label for lab in batch["label"]], device=rewards.device)
-            if sel.any():
-                log[f"train/reward_{label}"] = rewards[sel].mean()
-        log.update(kind_signal(rewards, batch.get("kind") or batch["label"]))
-        for k, v in stats.items():
-            key = k if k.startswith("replay/") else f"train/{k}"
-            log[key] = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+                  mask: torch.Tensor, batch: dict[str, Any], applicable: torch.Tensor) -> None:
+        b = rewards.size(0)
+        log = step_metrics(loss, stats, rewards, mask, batch["label"], batch.get("kind"), applicable)
         self.log_dict(log, batch_size=b, on_step=True, on_epoch=False)
         self.log("reward", rewards.mean(), prog_bar=True, batch_size=b, logger=False)
         if "kl" in stats:

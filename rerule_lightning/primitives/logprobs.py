@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rerule_lightning.primitives.rollout import pack_sequences
+
 
 class _UpcastLogprob(torch.autograd.Function):
     """log p(target) of one low-precision chunk, upcast inside; saves the chunk itself (a view of the logits)
@@ -200,3 +202,43 @@ def shared_prefix_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids:
                        **{name: cache}).logits  # [n, tb, V]: position P+j predicts completion token j+1
         logp[r, 1:tb] = token_logprobs(logits[:, :-1], ids_c[r, 1:tb], temperature=temperature)  # [n, tb-1]
     return logp, mask_c  # [N, T'], [N, T']
+
+
+def completion_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids: Tensor, completion_mask: Tensor,
+                        pad_id: int, temperature: float = 1.0, share_prefix: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of completions under ``model`` (at the sampling temperature), trimmed to the longest.
+
+    With ``share_prefix``, without gradient, when rows share prompts and the model caches, each distinct prompt is
+    encoded once
+    (:func:`shared_prefix_logprobs`; equal to the full pass up to float rounding: the reference pass of a
+    GRPO step); otherwise one left-padded
+    pass over prompt + completion, the LM head only on the positions that predict completion tokens
+    (``logits_to_keep``) where the model accepts it. The caller enters the model's context (e.g. adapters
+    disabled for a (Q)LoRA reference) around the call.
+
+    Args:
+        model: A causal LM.
+        prompt_ids: N tensors ``[P_i]`` (the same object repeated for rows that share a prompt).
+        completion_ids: ``[N, T]`` right-padded completions.
+        completion_mask: ``[N, T]``.
+        pad_id: Padding id of the left-padded prompts.
+        temperature: Log-probs of ``logits / temperature``.
+        share_prefix: Whether a no-grad pass may share each prompt's KV cache across its rows.
+
+    Returns:
+        ``(logp [N, T'], mask [N, T'])``.
+    """
+    if (share_prefix and not torch.is_grad_enabled() and len(prompt_runs(prompt_ids)[0]) < len(prompt_ids)
+            and supports_prefix_cache(model)):
+        shared = shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad_id, temperature)
+        if shared is not None:
+            return shared
+    input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, pad_id)
+    t = input_ids.size(1) - p
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn}
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = t + 1  # lm_head only on the positions that predict completion tokens
+    logits = model(**kwargs).logits  # [N, T'+1, V] (or [N, P+T', V] without logits_to_keep)
+    logits = logits[:, -(t + 1): -1]  # [N, T', V], a view: the temperature is applied per chunk
+    logp = token_logprobs(logits, input_ids[:, p:], temperature=temperature)  # [N, T']
+    return logp, completion_mask[:, :t]  # [N, T'], [N, T']

@@ -25,13 +25,13 @@ weight and the union of the parts is reduced as if it were one batch.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from rerule_lightning.primitives.logprobs import token_logprobs  # noqa: F401  (re-exported; lives with the model primitives)
+from rerule_lightning.rl.step_log import kind_signal  # noqa: F401  (re-exported; lives with the step's logging)
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -93,28 +93,6 @@ def _masked_advantages(r: Tensor, m: Tensor, scale: str, eps: float) -> Tensor:
     else:
         out = centred
     return torch.where(n > 1, out, torch.zeros_like(r))  # [N, G]: one applicable reward has no baseline
-
-
-def kind_signal(rewards: torch.Tensor, kinds: list[str]) -> dict[str, torch.Tensor]:
-    """Per prompt kind (e.g. ``forget``, ``boundary_hard``, ``boundary_easy``): mean reward, fraction of groups
-    whose G rewards are all equal (no group-normalised gradient) and number of groups in the step.
-
-    Args:
-        rewards: ``[B, G]`` rewards of this step's fresh groups.
-        kinds: The kind of each of the B prompts (names reduced to ``[a-z0-9_]`` for the metric keys).
-
-    Returns:
-        ``train/reward_mean_<kind>``, ``train/zero_std_frac_<kind>`` and ``train/groups_<kind>`` per kind present.
-    """
-    zero = (rewards.max(1).values == rewards.min(1).values).float()  # [B]: exact, no std rounding
-    out: dict[str, torch.Tensor] = {}
-    for kind in dict.fromkeys(kinds):
-        sel = torch.tensor([k == kind for k in kinds], device=rewards.device)  # [B]
-        key = re.sub(r"[^a-z0-9_]", "_", str(kind).lower())
-        out[f"train/reward_mean_{key}"] = rewards[sel].mean()
-        out[f"train/zero_std_frac_{key}"] = zero[sel].mean()
-        out[f"train/groups_{key}"] = sel.sum().float()
-    return out
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float = 20.0, bound: float = 10.0) -> Tensor:
