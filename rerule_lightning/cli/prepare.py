@@ -190,7 +190,10 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
             target_training: SFTTrainConfig = SFTTrainConfig(), vocab_size: int = 1024,
             cache_dir: str = ".cache/rerule", report: bool = True, progress: bool = True, rebuild: bool = False,
             reference_dir: str | None = None, export_reference: str | None = None) -> dict[str, Any]:
-    """Build the embedded world, tokenizer, target and retain models (skipping what is cached).
+    """Build the embedded world, tokenizer, target and retain models (a shipped reference build if one matches).
+
+    What is cached is skipped; where a shipped, checksummed reference build matches the config its models are
+    verified and installed instead of trained (``--rebuild``: train locally).
 
     The dataclass parameters are typed without ``| None`` on purpose: jsonargparse then expands their
     fields (``--world.num_forget_families`` ...) with their docstrings in ``rerule prepare --help``.
@@ -206,7 +209,8 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
             ``<model>/accuracy.json``).
         progress: Show progress bars.
         rebuild: Train the tokenizer, target and retain models locally even where a reference build matches
-            (float32 training differs across CPUs: the local models differ from the shipped ones).
+            (float32 training differs across CPUs: the local models differ from the shipped ones). ``--rebuild``
+            alone means true.
         reference_dir: Where reference builds are looked up (a build or a folder of builds); default the
             shipped ones (``rerule_lightning/cli/reference_builds``).
         export_reference: If set, write the prepared tokenizer, target and retain models there as a reference
