@@ -121,6 +121,8 @@ def test_dpo_by_hand_and_idkdpo_is_dpo_scaled_by_two_over_beta() -> None:
     logp = rejected.clone().requires_grad_(True)
     losses.idk_dpo_loss(ref_c, ref_c, logp, rejected.detach(), 0.1).backward()
     torch.testing.assert_close(logp.grad, torch.tensor([0.5, 0.5]), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="beta=0"):
+        losses.idk_dpo_loss(ref_c, ref_c, ref_r, ref_r, 0.0)
 
 
 def test_rmu_terms_by_hand() -> None:

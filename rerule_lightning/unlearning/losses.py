@@ -150,6 +150,8 @@ def idk_dpo_loss(logp_idk: torch.Tensor, ref_idk: torch.Tensor, logp_answer: tor
         ref_answer: ``[B]`` ℓ_ref of the original forget answers.
         beta: Inverse temperature β (> 0).
     """
+    if beta <= 0:
+        raise ValueError(f"idk_dpo_loss: beta={beta}: must be > 0")
     return (2.0 / beta) * dpo_loss(logp_idk, ref_idk, logp_answer, ref_answer, beta)
 
 
