@@ -9,8 +9,9 @@ original answer, refusal answer) and, for each, a retain item (prompt, answer). 
 with L_method one of :mod:`rerule_lightning.unlearning.losses` (GradDiff is GA with the GDR regulariser; RMU
 has its own retain term, the activation match over the retain answer tokens, in place of L_reg) and L_reg = NLL
 (``gdr``), KL(π_frozen ‖ π_θ) (``klr``) or 0 (``none``). The published recipes (open-unlearning's trainers, the
-WMDP RMU) and what the shipped ``configs/baselines/*.yaml`` still do differently are stated in each YAML. The frozen model (NPO / IdkDPO reference, KLR, RMU) is the model before unlearning:
-a second frozen copy under full fine-tuning (``reference_path``, default ``policy.name_or_path``), the same base
+WMDP RMU) and what the shipped ``configs/baselines/*.yaml`` still do differently are stated in each YAML. The
+frozen model (NPO / IdkDPO reference, KLR, RMU) is the model before unlearning: a second frozen copy under full
+fine-tuning (``reference_path``, default ``policy.name_or_path``), the same base
 with adapters disabled under (Q)LoRA, so no second copy is held.
 
 Shared with :class:`rerule_lightning.modules.grpo.GRPOUnlearningModule`: the ``policy`` config (full / LoRA /
