@@ -52,9 +52,12 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "IdkDPO": ("configs/baselines/idkdpo.yaml", []),
     "RMU": ("configs/baselines/rmu.yaml", []),
 }
-#: Learning-rate grid per method: RMU updates three MLPs toward a fixed direction and needs larger steps
-#: (a scan of 3e-4 / 1e-3 / 3e-3 × 2 / 5 epochs on the validation world placed these; never on the evaluated one).
-GRID_LRS: dict[str, list[float]] = {**{m: [1e-4, 3e-4] for m in METHODS}, "RMU": [3e-4, 1e-3]}
+#: Learning-rate grid per method. RMU at its published recipe (α = 1200, only the down_proj matrices of blocks 0–1)
+#: needs far larger steps: on the validation world (world.seed 1, 48 items per split, 2 / 5 epochs) it changed no
+#: answer at 3e-3 or 1e-2 and first moved at 2e-2 (forget accuracy 0.92 after 2 epochs) and 3e-2 (0.56), which
+#: places its grid there; never tuned on the evaluated world. (Before the recipe fix, α = 1 and every MLP matrix:
+#: 3e-4 / 1e-3.) SimNPO and IdkDPO rows now include their NLL retain term (configs/baselines/{simnpo,idkdpo}.yaml).
+GRID_LRS: dict[str, list[float]] = {**{m: [1e-4, 3e-4] for m in METHODS}, "RMU": [2e-2, 3e-2]}
 REFERENCES = {"RS": "rejection steering", "RULE": "RULE", "ReRULE": "ReRULE (fill, group adv.)"}
 VAL_SPLITS = ["forget", "boundary_hard", "boundary_easy", "retain"]
 #: Table columns: (header, metric key); token shares and wall-clock are added per row.

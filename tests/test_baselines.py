@@ -5,6 +5,7 @@ paired forget / retain batches are seeded and resumable."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from rerule_lightning.cli.commands import lightning_main, main
+from rerule_lightning.primitives.prompting import IGNORE_INDEX
+from rerule_lightning.unlearning import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = sorted((ROOT / "configs" / "baselines").glob("*.yaml"))
@@ -71,11 +74,12 @@ def test_every_baseline_yaml_fits_two_steps(config: Path, peft: str, tiny_prepar
         adapters = {k: v for k, v in module.model.state_dict().items() if "lora_B" in k}
         moved = [k for k, v in adapters.items() if v.abs().sum() > 0]  # lora_B starts at zero
         assert moved
-        if module.hparams.method == "rmu":  # only the adapters of the configured blocks' MLPs learn
-            assert all(".mlp." in k and any(f"layers.{i}." in k for i in module.rmu_layers()) for k in moved)
+        if module.hparams.method == "rmu":  # only the adapters of the configured blocks' down_proj learn
+            assert all(".mlp.down_proj." in k and any(f"layers.{i}." in k for i in module.rmu_layers())
+                       for k in moved)
         assert (tmp_path / "export" / "adapter_config.json").is_file()
     elif module.hparams.method == "rmu":
-        allowed = {k for k in before if ".mlp." in k and any(f"layers.{i}." in k for i in module.rmu_layers())}
+        allowed = {k for k in before if ".mlp.down_proj." in k and any(f"layers.{i}." in k for i in module.rmu_layers())}
         assert changed and changed <= allowed, sorted(changed - allowed)
     else:
         assert changed
@@ -102,11 +106,44 @@ def test_rmu_trains_only_configured_layers_and_starts_with_zero_retain_term(tiny
     module, dm = cli.model, cli.datamodule
     module.configure_model()
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("model.layers.1.mlp.") for n in trainable)
+    assert trainable == {"model.layers.1.mlp.down_proj.weight"}  # WMDP's recipe: the MLP output matrix only
     dm.setup("fit")
-    loss, parts, n_f, n_r = module.compute_loss(dm.train_dataloader().batch_at(0))
+    batch = dm.train_dataloader().batch_at(0)
+    loss, parts, n_f, n_r = module.compute_loss(batch)
     assert parts["retain_loss"].item() == 0.0  # the trained model still equals the frozen copy
     assert parts["forget_loss"].item() > 0 and n_f > 0 and n_r > 0
+    # the forget term counts the answer tokens' positions only (open-unlearning's mask), never the prompt's
+    f = module.encode(batch["forget_prompt"], batch["forget_answer"])
+    h = module._hidden(f)  # [B, L, D]
+    answer = losses.rmu_forget_loss(h, (f["labels"] != IGNORE_INDEX).float(), module._control)
+    whole = losses.rmu_forget_loss(h, f["attention_mask"], module._control)
+    assert parts["forget_loss"].item() == pytest.approx(answer.item(), rel=1e-6)
+    assert abs(answer.item() - whole.item()) > 1e-4
+    # the shipped retain weight is WMDP's α
+    assert module.hparams.retain_weight == 1200.0
+
+
+@pytest.mark.parametrize("name", ["simnpo", "idkdpo"])
+def test_simnpo_and_idkdpo_yamls_train_with_the_nll_retain_term(name: str, tiny_prepared: dict,
+                                                                  tmp_path: Path) -> None:
+    cli = lightning_main(_args(ROOT / "configs" / "baselines" / f"{name}.yaml", tiny_prepared, tmp_path), run=False)
+    module, dm = cli.model, cli.datamodule
+    h = module.hparams
+    assert h.regularizer == "gdr" and h.retain_weight == 1.0
+    # SimNPO: open-unlearning's β = 4.5 and forget weight 0.125; IdkDPO: β = 0.1, forget weight 1
+    assert (h.beta, h.forget_weight) == ((4.5, 0.125) if name == "simnpo" else (0.1, 1.0))
+    module.configure_model()
+    dm.setup("fit")
+    batch = dm.train_dataloader().batch_at(0)
+    loss, parts, _, n_r = module.compute_loss(batch)
+    r = module.encode(batch["retain_prompt"], batch["retain_answer"])
+    with torch.no_grad():
+        nll = losses.masked_nll(module._logits(r), r["labels"])
+    assert n_r > 0 and parts["retain_loss"].item() == pytest.approx(nll.item(), rel=1e-5)
+    expected = h.forget_weight * parts["forget_loss"] + h.retain_weight * parts["retain_loss"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    if name == "idkdpo":  # at θ = θ_ref every DPO margin is 0: (2/β)·log 2 = 20·log 2
+        assert parts["forget_loss"].item() == pytest.approx(20 * math.log(2), rel=1e-5)
 
 
 def test_paired_batches_are_seeded_resumable_and_pair_every_forget_item(tiny_prepared: dict,

@@ -1,6 +1,7 @@
 """The baselines' losses (rerule_lightning.unlearning.losses) against values derived by hand on small tensors, and
-their limiting cases: NPO's gradient → GA's as β → 0, IdkDPO = the DPO formula, SimNPO's length normalisation,
-RMU's retain term 0 when the model equals the frozen one."""
+their limiting cases: NPO's gradient → GA's as β → 0, IdkDPO = (2/β)·DPO (open-unlearning's scaling), SimNPO's
+length normalisation, RMU's per-sequence mean over answer positions and its retain term 0 when the model equals the
+frozen one."""
 
 from __future__ import annotations
 
@@ -100,16 +101,28 @@ def test_simnpo_by_hand_and_its_length_normalisation() -> None:
         losses.npo_loss(torch.tensor([-7.5]), torch.zeros(1), 2.5).item())
 
 
-def test_dpo_by_hand_and_idkdpo_is_dpo_with_the_refusal_preferred() -> None:
+def test_dpo_by_hand_and_idkdpo_is_dpo_scaled_by_two_over_beta() -> None:
     chosen, ref_c = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -2.0])
     rejected, ref_r = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -3.0])
     # margins: (1 − 2) = −1 and (0 − (−1)) = 1; β = 1: mean(−log σ(−1), −log σ(1)) = mean(log(1+e), log(1+e^−1))
     expected = 0.5 * (math.log(1 + math.e) + math.log(1 + math.exp(-1)))
     assert losses.dpo_loss(chosen, ref_c, rejected, ref_r, beta=1.0).item() == pytest.approx(expected, rel=1e-6)
-    assert losses.idk_dpo_loss(chosen, ref_c, rejected, ref_r, beta=0.3).item() == \
-        losses.dpo_loss(chosen, ref_c, rejected, ref_r, beta=0.3).item()
-    # at π_θ = π_ref every margin is 0: log 2
-    assert losses.idk_dpo_loss(ref_c, ref_c, ref_r, ref_r, 0.1).item() == pytest.approx(math.log(2), rel=1e-6)
+    # IdkDPO = (2/β)·DPO (open-unlearning's DPO trainer): β = 0.5 gives margins ±0.5 and a factor 4:
+    # 4 · ½·(log(1 + e^0.5) + log(1 + e^−0.5)) = 2·(0.974077 + 0.474077) = 2.896308
+    by_hand = 4 * 0.5 * (math.log(1 + math.exp(0.5)) + math.log(1 + math.exp(-0.5)))
+    assert by_hand == pytest.approx(2.896308, abs=1e-6)
+    assert losses.idk_dpo_loss(chosen, ref_c, rejected, ref_r, beta=0.5).item() == pytest.approx(by_hand, rel=1e-6)
+    # at π_θ = π_ref every margin is 0: (2/β)·log 2 = 20·log 2 at β = 0.1 (plain DPO: log 2), NPO's value there
+    assert losses.dpo_loss(ref_c, ref_c, ref_r, ref_r, 0.1).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert losses.idk_dpo_loss(ref_c, ref_c, ref_r, ref_r, 0.1).item() == pytest.approx(20 * math.log(2), rel=1e-6)
+    assert losses.idk_dpo_loss(ref_c, ref_c, ref_r, ref_r, 0.1).item() == \
+        pytest.approx(losses.npo_loss(ref_r, ref_r, 0.1).item(), rel=1e-6)
+    # its gradient is 2/β times DPO's: d/dℓ_θ(y_l) of −(2/β)·log σ(β·m) at m = 0 is (2/β)·β·σ(0)/B = 1/B = 0.5
+    logp = rejected.clone().requires_grad_(True)
+    losses.idk_dpo_loss(ref_c, ref_c, logp, rejected.detach(), 0.1).backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([0.5, 0.5]), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="beta=0"):
+        losses.idk_dpo_loss(ref_c, ref_c, ref_r, ref_r, 0.0)
 
 
 def test_rmu_terms_by_hand() -> None:
@@ -119,14 +132,27 @@ def test_rmu_terms_by_hand() -> None:
     h = control.expand(2, 3, 8).clone()
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert losses.rmu_forget_loss(h, mask, control).item() == 0.0
-    h[0, 0] += 2.0  # (1/D)·‖2·1‖² = 4 at one of the 3 counted positions
+    h[0, 0] += 2.0  # (1/D)·‖2·1‖² = 4 at one of row 0's 2 counted positions: row 0 = 4/2 = 2, row 1 = 0
     h[0, 2] += 100.0  # a masked position does not count
-    assert losses.rmu_forget_loss(h, mask, control).item() == pytest.approx(4.0 / 3, rel=1e-6)
+    # per sequence, then over the batch (open-unlearning): (2 + 0)/2 = 1 (pooling all 3 tokens would give 4/3)
+    assert losses.rmu_forget_loss(h, mask, control).item() == pytest.approx(1.0, rel=1e-6)
     frozen = torch.randn(2, 3, 8)
     assert losses.rmu_retain_loss(frozen.clone(), frozen, mask).item() == 0.0
     moved = frozen.clone()
-    moved[1, 0] += 1.0
-    assert losses.rmu_retain_loss(moved, frozen, mask).item() == pytest.approx(1.0 / 3, rel=1e-6)
+    moved[1, 0] += 1.0  # row 1's only counted position: (1/8)·8 = 1; row 0: 0; mean 0.5 (pooled: 1/3)
+    assert losses.rmu_retain_loss(moved, frozen, mask).item() == pytest.approx(0.5, rel=1e-6)
+    # a sequence with no counted position contributes 0 (no division by zero)
+    assert losses.rmu_activation_mse(torch.ones(1, 2, 4), torch.zeros(1, 2)).item() == 0.0
+
+
+def test_rmu_counts_the_answer_tokens_positions() -> None:
+    labels = torch.tensor([[IGN, IGN, 5, 6], [IGN, 7, IGN, IGN]])  # prompt, answer, padding as prompting builds them
+    torch.testing.assert_close(losses.answer_positions(labels), torch.tensor([[0.0, 0, 1, 1], [0, 1, 0, 0]]))
+    control = torch.zeros(4)
+    h = torch.zeros(2, 4, 4)
+    h[0, 0] = 10.0  # a prompt position: never counted
+    h[0, 3] = 2.0  # an answer position of row 0: (1/4)·(4·4) = 4, over its 2 answer positions: 2; row 1: 0
+    assert losses.rmu_forget_loss(h, losses.answer_positions(labels), control).item() == pytest.approx(1.0, rel=1e-6)
 
 
 def test_kl_retain_by_hand() -> None:

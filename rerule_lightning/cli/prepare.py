@@ -5,6 +5,11 @@ Every artefact lives in ``cache_dir`` under a name keyed by a hash of what deter
 directory first and renamed into place (so an interrupted prepare never leaves a half artefact), and
 is skipped when it already exists. ``cache_dir/embedded/{world,tokenizer,target,retain}`` are stable
 symbolic links to the current artefacts, which the stage configs point at.
+
+Reference builds (:mod:`rerule_lightning.cli.reference_build`): when a shipped build has the cache key of the
+tokenizer, target or retain model a config asks for (``configs/embedded/prepare.yaml``'s are shipped), prepare
+verifies its sha256 checksums and copies it to ``<stage>-<key>-ref<digest>`` instead of training, so every
+machine evaluates the same models; ``--rebuild`` trains locally (``<stage>-<key>``, as without a build).
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from datamodules.world import WorldConfig
+from rerule_lightning.cli.reference_build import (
+    SHIPPED,
+    STAGES,
+    ReferenceBuildError,
+    check_world,
+    find_reference,
+    install_stage,
+    texts_sha256,
+    verify_stage,
+    write_reference,
+)
 from rerule_lightning.modules.sft import TinyLlamaConfig
 
 
@@ -158,10 +174,26 @@ def accuracy_report(model_dir: str, world_dir: str, splits: tuple[str, ...]) -> 
     return out
 
 
+def cache_keys(world: WorldConfig, model: TinyLlamaConfig, target_training: SFTTrainConfig,
+               vocab_size: int) -> dict[str, str]:
+    """The cache key of each artefact: a hash of what determines it (the preset only keys the world)."""
+    content = world.content_hash(include_preset=False)
+    return {
+        "world": world.content_hash(include_preset=True),
+        "tokenizer": _hash(content, vocab_size),
+        "target": _hash(content, vocab_size, asdict(model), asdict(target_training), "target"),
+        "retain": _hash(content, vocab_size, asdict(model), asdict(target_training), "retain"),
+    }
+
+
 def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLlamaConfig(),
             target_training: SFTTrainConfig = SFTTrainConfig(), vocab_size: int = 1024,
-            cache_dir: str = ".cache/rerule", report: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Build the embedded world, tokenizer, target and retain models (skipping what is cached).
+            cache_dir: str = ".cache/rerule", report: bool = True, progress: bool = True, rebuild: bool = False,
+            reference_dir: str | None = None, export_reference: str | None = None) -> dict[str, Any]:
+    """Build the embedded world, tokenizer, target and retain models (a shipped reference build if one matches).
+
+    What is cached is skipped; where a shipped, checksummed reference build matches the config its models are
+    verified and installed instead of trained (``--rebuild``: train locally).
 
     The dataclass parameters are typed without ``| None`` on purpose: jsonargparse then expands their
     fields (``--world.num_forget_families`` ...) with their docstrings in ``rerule prepare --help``.
@@ -176,9 +208,20 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
         report: Measure greedy accuracy of both models per split and print it (written to
             ``<model>/accuracy.json``).
         progress: Show progress bars.
+        rebuild: Train the tokenizer, target and retain models locally even where a reference build matches
+            (float32 training differs across CPUs: the local models differ from the shipped ones). ``--rebuild``
+            alone means true.
+        reference_dir: Where reference builds are looked up (a build or a folder of builds); default the
+            shipped ones (``rerule_lightning/cli/reference_builds``).
+        export_reference: If set, write the prepared tokenizer, target and retain models there as a reference
+            build (files and ``manifest.json`` with their sha256).
 
     Returns:
-        The manifest: paths, hashes, per-step wall-clock and the accuracy report.
+        The manifest: paths, hashes, where each artefact came from, per-step wall-clock and the accuracy report.
+
+    Raises:
+        ReferenceBuildError: A matching reference build has a missing or changed file, or was trained on another
+            world (the message names the file); before any training.
     """
     from rich.console import Console
 
@@ -189,14 +232,14 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
     model = model or TinyLlamaConfig()
     target_training = target_training or SFTTrainConfig()
     console = Console(stderr=True)
-    content = world.content_hash(include_preset=False)
-    keys = {
-        "world": world.content_hash(include_preset=True),
-        "tokenizer": _hash(content, vocab_size),
-        "target": _hash(content, vocab_size, asdict(model), asdict(target_training), "target"),
-        "retain": _hash(content, vocab_size, asdict(model), asdict(target_training), "retain"),
-    }
+    keys = cache_keys(world, model, target_training, vocab_size)
     paths = {k: os.path.join(cache_dir, f"{k}-{h}") for k, h in keys.items()}
+    refs = {} if rebuild else find_references(reference_dir, keys)
+    world_sha = texts_sha256(world_texts(generate_world(world))) if (refs or export_reference) else ""
+    for stage, (build_dir, m) in refs.items():
+        check_world(build_dir, m, world_sha)
+        paths[stage] = os.path.join(cache_dir, f"{stage}-{keys[stage]}-ref{stage_digest(m, stage)}")
+    source = {k: f"reference {refs[k][0]}" if k in refs else "local" for k in paths}
     os.makedirs(cache_dir, exist_ok=True)
     timings: dict[str, float] = {}
     built: dict[str, bool] = {}
@@ -204,11 +247,22 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
 
     def step(name: str, fn: Any) -> None:
         t = time.perf_counter()
-        built[name] = _atomic_build(paths[name], fn)
+        if name in refs:
+            build_dir, m = refs[name]
+            built[name] = _atomic_build(paths[name], lambda d: install_stage(build_dir, m, name, d))
+            verify_stage(build_dir, m, name, paths[name])  # also a copy cached earlier
+            how = f"reference build, sha256 verified, {'copied' if built[name] else 'cached'}"
+        else:
+            built[name] = _atomic_build(paths[name], fn)
+            how = "built" if built[name] else "cached"
         timings[name] = round(time.perf_counter() - t, 2)
-        console.print(f"[bold]{name}[/]: {'built' if built[name] else 'cached'} -> {paths[name]} "
-                      f"({timings[name]:.1f} s)")
+        console.print(f"[bold]{name}[/]: {how} -> {paths[name]} ({timings[name]:.1f} s)")
 
+    for stage, (build_dir, m) in refs.items():  # every shipped file checked before any work
+        verify_stage(build_dir, m, stage)
+    if refs:
+        console.print(f"reference build {sorted({d for d, _ in refs.values()})[0]}: {', '.join(refs)} "
+                      f"(pass --rebuild to train locally)")
     step("world", lambda d: save_world(world, d))
     step("tokenizer", lambda d: train_tokenizer(world_texts(generate_world(world)), d, vocab_size))
     if not all(os.path.isdir(paths[s]) for s in ("target", "retain")):
@@ -216,6 +270,11 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
     for stage in ("target", "retain"):
         step(stage, lambda d, s=stage: train_sft_model(paths["world"], paths["tokenizer"], d, s, model,
                                                        target_training, progress))
+    if export_reference:
+        config = {"world": world.to_dict(), "model": asdict(model), "target_training": asdict(target_training),
+                  "vocab_size": vocab_size}
+        written = write_reference(export_reference, {s: paths[s] for s in STAGES}, keys, world_sha, config)
+        console.print(f"reference build written: {written}")
     links = {k: os.path.join(cache_dir, "embedded", k) for k in paths}
     for k in paths:
         _link(paths[k], links[k])
@@ -233,12 +292,27 @@ def prepare(world: WorldConfig = WorldConfig(), model: TinyLlamaConfig = TinyLla
                     json.dump(accuracy[stage], f, indent=2)
         _print_report(console, accuracy, load_world(paths["world"]))
     timings["total"] = round(time.perf_counter() - t0, 2)
-    manifest = {"paths": paths, "links": links, "hashes": keys, "built": built, "seconds": timings,
+    manifest = {"paths": paths, "links": links, "hashes": keys, "built": built, "source": source, "seconds": timings,
                 "accuracy": accuracy, "world": world.to_dict()}
     with open(os.path.join(cache_dir, "embedded", "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     console.print(f"prepare done in {timings['total']:.1f} s; links in {os.path.join(cache_dir, 'embedded')}")
     return manifest
+
+
+def find_references(reference_dir: str | None, keys: dict[str, str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The reference build (directory, manifest) matching each stage's cache key, for the stages one matches."""
+    root = reference_dir if reference_dir is not None else str(SHIPPED)
+    if reference_dir is not None and not os.path.isdir(reference_dir):
+        raise ReferenceBuildError(f"--reference_dir={reference_dir}: no such directory")
+    found = {s: find_reference(root, s, keys[s]) for s in STAGES}
+    return {s: f for s, f in found.items() if f is not None}
+
+
+def stage_digest(manifest: dict[str, Any], stage: str) -> str:
+    """8 hex digits identifying a reference build's files of ``stage`` (its cache copy's name suffix)."""
+    files = {k: v for k, v in manifest["files"].items() if k.split("/", 1)[0] == stage}
+    return _hash(files)[:8]
 
 
 def chance_level(world: Any) -> float:
@@ -271,5 +345,15 @@ def prepare_main(argv: list[str]) -> int:
     from rerule_lightning.cli.validation import check_config_files
 
     check_config_files(argv)
-    function_main(prepare, argv, prog="rerule prepare")
+    function_main(prepare, bare_flags(argv, ("--rebuild",)), prog="rerule prepare")
     return 0
+
+
+def bare_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``--rebuild`` alone (last, or before another ``--flag``) means ``--rebuild=true``; ``--rebuild false`` and
+    ``--rebuild=true`` pass through unchanged."""
+    out = []
+    for i, a in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        out.append(f"{a}=true" if a in flags and (nxt is None or nxt.startswith("-")) else a)
+    return out

@@ -7,9 +7,11 @@ original answer, refusal answer) and, for each, a retain item (prompt, answer). 
     L = forget_weight · L_method(forget [, refusal]) + retain_weight · L_reg(retain)
 
 with L_method one of :mod:`rerule_lightning.unlearning.losses` (GradDiff is GA with the GDR regulariser; RMU
-has its own retain term, the activation match, in place of L_reg) and L_reg = NLL (``gdr``), KL(π_frozen ‖ π_θ)
-(``klr``) or 0 (``none``). The frozen model (NPO / IdkDPO reference, KLR, RMU) is the model before unlearning:
-a second frozen copy under full fine-tuning (``reference_path``, default ``policy.name_or_path``), the same base
+has its own retain term, the activation match over the retain answer tokens, in place of L_reg) and L_reg = NLL
+(``gdr``), KL(π_frozen ‖ π_θ) (``klr``) or 0 (``none``). The published recipes (open-unlearning's trainers, the
+WMDP RMU) and what the shipped ``configs/baselines/*.yaml`` still do differently are stated in each YAML. The
+frozen model (NPO / IdkDPO reference, KLR, RMU) is the model before unlearning: a second frozen copy under full
+fine-tuning (``reference_path``, default ``policy.name_or_path``), the same base
 with adapters disabled under (Q)LoRA, so no second copy is held.
 
 Shared with :class:`rerule_lightning.modules.grpo.GRPOUnlearningModule`: the ``policy`` config (full / LoRA /
@@ -80,7 +82,8 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
         simnpo_gamma: SimNPO's reward margin γ.
         rmu_layer: Index of the transformer block whose output RMU steers.
         rmu_update_layers: Blocks whose parameters RMU updates; ``None`` = the three blocks up to ``rmu_layer``.
-        rmu_param_filter: Substring a parameter's name must contain to be updated by RMU (``mlp``; ``""`` = all).
+        rmu_param_filter: Substring a parameter's name must contain to be updated by RMU: ``mlp.down_proj`` (the
+            WMDP recipe: the MLP output matrices of the updated blocks), ``mlp`` (every MLP matrix), ``""`` (all).
         rmu_steering_coeff: c, the norm of the control vector c·u.
         max_length: Longest tokenised prompt + answer accepted; longer items fail with the prompt named.
         eval_max_new_tokens: Greedy tokens per answer in validation / test.
@@ -95,7 +98,7 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
                  reference_path: str | None = None, learning_rate: float = 1e-5, weight_decay: float = 0.01,
                  warmup_steps: int = 0, max_grad_norm: float = 1.0, forget_weight: float = 1.0,
                  retain_weight: float = 1.0, beta: float = 0.1, simnpo_gamma: float = 0.0, rmu_layer: int = 1,
-                 rmu_update_layers: list[int] | None = None, rmu_param_filter: str = "mlp",
+                 rmu_update_layers: list[int] | None = None, rmu_param_filter: str = "mlp.down_proj",
                  rmu_steering_coeff: float = 20.0, max_length: int = 512, eval_max_new_tokens: int = 32,
                  seed: int = 0, export_dir: str | None = None, eval_reference: str | None = None,
                  eval_report_path: str | None = None, max_consecutive_nonfinite: int = 3) -> None:
@@ -231,8 +234,10 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
             if self._control is None:
                 self._control = losses.rmu_control_vector(self._hidden(f, frozen=True).size(-1), h.seed,
                                                           h.rmu_steering_coeff).to(self.device)
-            forget = losses.rmu_forget_loss(self._hidden(f), f["attention_mask"], self._control)
-            retain = losses.rmu_retain_loss(self._hidden(r), self._hidden(r, frozen=True), r["attention_mask"])
+            # both terms over the answer tokens' positions (open-unlearning's mask), never the prompt
+            forget = losses.rmu_forget_loss(self._hidden(f), losses.answer_positions(f["labels"]), self._control)
+            retain = losses.rmu_retain_loss(self._hidden(r), self._hidden(r, frozen=True),
+                                            losses.answer_positions(r["labels"]))
             return h.forget_weight * forget + h.retain_weight * retain, \
                 {"forget_loss": forget.detach(), "retain_loss": retain.detach()}, n_f, n_r
         logits = self._logits(f)  # [B, Lf, V]

@@ -5,6 +5,7 @@ regularisers GDR / KLR (:mod:`rerule_lightning.unlearning.losses`). The Lightnin
 from __future__ import annotations
 
 from rerule_lightning.unlearning.losses import (
+    answer_positions,
     answer_token_logprobs,
     dpo_loss,
     ga_loss,
@@ -13,6 +14,7 @@ from rerule_lightning.unlearning.losses import (
     kl_retain_loss,
     masked_nll,
     npo_loss,
+    rmu_activation_mse,
     rmu_control_vector,
     rmu_forget_loss,
     rmu_retain_loss,
@@ -20,6 +22,6 @@ from rerule_lightning.unlearning.losses import (
     simnpo_loss,
 )
 
-__all__ = ["answer_token_logprobs", "dpo_loss", "ga_loss", "graddiff_loss", "idk_dpo_loss", "kl_retain_loss",
-           "masked_nll", "npo_loss", "rmu_control_vector", "rmu_forget_loss", "rmu_retain_loss", "sequence_logprob",
-           "simnpo_loss"]
+__all__ = ["answer_positions", "answer_token_logprobs", "dpo_loss", "ga_loss", "graddiff_loss", "idk_dpo_loss",
+           "kl_retain_loss", "masked_nll", "npo_loss", "rmu_activation_mse", "rmu_control_vector", "rmu_forget_loss",
+           "rmu_retain_loss", "sequence_logprob", "simnpo_loss"]

@@ -135,7 +135,13 @@ def dpo_loss(logp_chosen: torch.Tensor, ref_chosen: torch.Tensor, logp_rejected:
 def idk_dpo_loss(logp_idk: torch.Tensor, ref_idk: torch.Tensor, logp_answer: torch.Tensor,
                  ref_answer: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
     """IdkDPO: :func:`dpo_loss` with an "I don't know"-style refusal preferred over the original forget answer,
-    the reference being the model before unlearning.
+    the reference being the model before unlearning, scaled by 2/β as open-unlearning's DPO trainer scales it
+    (the same factor as :func:`npo_loss`, which IdkDPO reduces to without a preferred answer):
+
+    L = −(2/β)·mean_i log σ(β·((ℓ_θ(y_w) − ℓ_ref(y_w)) − (ℓ_θ(y_l) − ℓ_ref(y_l)))).
+
+    At π_θ = π_ref it is (2/β)·log 2 (20·log 2 ≈ 13.9 at β = 0.1), and its gradient is 2/β times DPO's: with a
+    retain term of weight α (GDR), the forget term weighs 2/β = 20 times more than plain DPO's would.
 
     Args:
         logp_idk: ``[B]`` ℓ_θ of the refusal answers (y_w).
@@ -144,7 +150,9 @@ def idk_dpo_loss(logp_idk: torch.Tensor, ref_idk: torch.Tensor, logp_answer: tor
         ref_answer: ``[B]`` ℓ_ref of the original forget answers.
         beta: Inverse temperature β (> 0).
     """
-    return dpo_loss(logp_idk, ref_idk, logp_answer, ref_answer, beta)
+    if beta <= 0:
+        raise ValueError(f"idk_dpo_loss: beta={beta}: must be > 0")
+    return (2.0 / beta) * dpo_loss(logp_idk, ref_idk, logp_answer, ref_answer, beta)
 
 
 def rmu_control_vector(hidden_size: int, seed: int, coeff: float) -> torch.Tensor:
@@ -164,33 +172,54 @@ def rmu_control_vector(hidden_size: int, seed: int, coeff: float) -> torch.Tenso
     return coeff * u / u.norm()
 
 
-def _masked_mse(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def rmu_activation_mse(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of each sequence's mean over its counted positions of (1/D)·‖diff‖².
+
+    Each sequence weighs the same whatever its number of counted tokens (open-unlearning's RMU reduction); a
+    sequence with no counted position contributes 0.
+
+    Args:
+        diff: ``[B, L, D]`` activation differences.
+        mask: ``[B, L]`` 1 on positions that count.
+    """
     per_pos = diff.float().pow(2).mean(-1)  # [B, L]
     m = mask.float()  # [B, L]
-    return (per_pos * m).sum() / m.sum().clamp(min=1.0)
+    per_seq = (per_pos * m).sum(-1) / m.sum(-1).clamp(min=1.0)  # [B]
+    return per_seq.mean()
 
 
 def rmu_forget_loss(hidden: torch.Tensor, mask: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
-    """RMU's forget term: mean over masked positions of (1/D)·‖h_θ(x_f) − c·u‖².
+    """RMU's forget term: :func:`rmu_activation_mse` of h_θ(x_f) − c·u, i.e. (1/D)·‖h_θ(x_f) − c·u‖² averaged
+    over each sequence's counted positions, then over the batch.
 
     Args:
         hidden: ``[B, L, D]`` activations of the trained model at the chosen layer on forget text.
-        mask: ``[B, L]`` 1 on positions that count (non-padding tokens).
+        mask: ``[B, L]`` 1 on positions that count (the module passes the answer tokens, as open-unlearning).
         control: ``[D]`` the fixed control vector c·u (:func:`rmu_control_vector`).
     """
-    return _masked_mse(hidden - control.to(hidden), mask)
+    return rmu_activation_mse(hidden - control.to(hidden), mask)
 
 
 def rmu_retain_loss(hidden: torch.Tensor, frozen_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """RMU's retain term: mean over masked positions of (1/D)·‖h_θ(x_r) − h_frozen(x_r)‖² (0 when the model
-    equals the frozen one); the module weighs it by α.
+    """RMU's retain term: :func:`rmu_activation_mse` of h_θ(x_r) − h_frozen(x_r) (0 when the model equals the
+    frozen one); the module weighs it by α.
 
     Args:
         hidden: ``[B, L, D]`` activations of the trained model at the chosen layer on retain text.
         frozen_hidden: ``[B, L, D]`` the frozen model's activations there.
-        mask: ``[B, L]`` 1 on positions that count.
+        mask: ``[B, L]`` 1 on positions that count (the module passes the answer tokens).
     """
-    return _masked_mse(hidden - frozen_hidden.detach(), mask)
+    return rmu_activation_mse(hidden - frozen_hidden.detach(), mask)
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` 1.0 at the positions of answer tokens (labels ≠ ``IGNORE_INDEX``, unshifted): the positions
+    whose activations RMU's terms count, as open-unlearning's RMU (``labels != -100``).
+
+    Args:
+        labels: ``[B, L]`` labels (``IGNORE_INDEX`` on prompt and padding positions).
+    """
+    return (labels != IGNORE_INDEX).float()
 
 
 def kl_retain_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
