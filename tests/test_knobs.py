@@ -165,6 +165,9 @@ def test_every_numeric_init_argument_of_the_lightning_classes_has_a_range() -> N
     from rerule_lightning.primitives.ranges import hints_of
 
     kinds = (L.LightningModule, L.LightningDataModule, L.Callback)
+    for cls in _project_classes():  # hints that fail to resolve would hide ranges: every parameter has one
+        params = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+        assert params <= set(hints_of(cls)), f"{cls.__name__}: unresolved hints {sorted(params - set(hints_of(cls)))}"
     missing = [f"{cls.__name__}.{name}" for cls in _project_classes() if issubclass(cls, kinds)
                and cls is not ReplayCallback
                for name, hint in hints_of(cls).items()
