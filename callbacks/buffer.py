@@ -41,13 +41,12 @@ def resolve_schedule(value: Schedule, total: int | None, name: str) -> int | Non
     return int(value)
 
 
-def option_errors(correction: str, is_level: str, is_cap: float, replay_loss_weight: float) -> list[str]:
-    """Validation of the off-policy options shared by the callbacks that hand stored groups to the module."""
+def option_errors(correction: str, is_level: str) -> list[str]:
+    """Validation of the off-policy options shared by the callbacks that hand stored groups to the module (their
+    numeric ranges, ``is_cap`` and ``replay_loss_weight``, are in the callbacks' signatures)."""
     checks = [(correction in ("truncated", "clipped", "none"), f"correction={correction!r}: choose truncated, "
                                                                "clipped or none"),
-              (is_level in ("token", "sequence"), f"is_level={is_level!r}: choose token or sequence"),
-              (is_cap > 0, f"is_cap={is_cap}: must be > 0"),
-              (replay_loss_weight >= 0, f"replay_loss_weight={replay_loss_weight}: must be >= 0")]
+              (is_level in ("token", "sequence"), f"is_level={is_level!r}: choose token or sequence")]
     return [msg for ok, msg in checks if not ok]
 
 
@@ -66,10 +65,9 @@ def advantage_checks(advantages: Any) -> list[tuple[bool, str]]:
 
 
 def schedule_errors(value: Any, name: str) -> list[str]:
-    """Validation of a schedule argument (``collect_steps`` / ``replay_start``)."""
-    if value is None or value == "adaptive" and name == "replay_start":
-        return []
-    if isinstance(value, str) or value < 0 or isinstance(value, float) and value >= 1 and value != int(value):
+    """What the range of a schedule argument (``collect_steps`` / ``replay_start``) cannot say: a float >= 1 must
+    be a whole count."""
+    if isinstance(value, float) and value >= 1 and not value.is_integer():
         return [f"{name}={value!r}: give a count of rollout batches, a fraction in (0, 1)"
                 + (", or adaptive" if name == "replay_start" else ", or null")]
     return []

@@ -7,13 +7,21 @@ new on-policy groups for them (it costs generation). Comparing the two separates
 "revisiting the prompt".
 """
 
-from __future__ import annotations
-
 import dataclasses
 from typing import Any, Literal
 
 from callbacks.buffer import Entry
-from callbacks.replay import HardCaseReplayCallback
+from callbacks.replay import HardCaseReplayCallback, Threshold
+from rerule_lightning.primitives.ranges import (
+    CollectSteps,
+    Count,
+    CountOrNull,
+    NonNegative,
+    ReplayStart,
+    UnitAboveZero,
+    UnitBelowOne,
+    UnitOpen,
+)
 from rerule_lightning.primitives.rollout import RolloutGroup
 
 
@@ -53,14 +61,13 @@ class PromptReplayCallback(HardCaseReplayCallback):
     needs_rows = True
     reuses_rollouts = False
 
-    def __init__(self, hardness: Literal["margin", "quantile"] = "margin", margin: float = 0.1,
-                 quantile: float = 0.25, reward_threshold: float | dict[str, float] | None = None,
-                 window: int = 64, prompt_momentum: float = 0.5, retire_solved: bool = True,
-                 collect_steps: int | float | None = None, replay_start: int | float | Literal["adaptive"] = 0.1,
-                 adaptive_threshold: float = 0.5, replay_groups: int = 2, capacity: int = 256,
-                 priority_exponent: float = 1.0, replay_penalty: float = 1.0, max_replays: int = 3,
-                 max_age: int | None = None, require_variance: bool = False, labels: list[str] | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, hardness: Literal["margin", "quantile"] = "margin", margin: NonNegative = 0.1,
+                 quantile: UnitOpen = 0.25, reward_threshold: Threshold = None, window: Count = 64,
+                 prompt_momentum: UnitBelowOne = 0.5, retire_solved: bool = True, collect_steps: CollectSteps = None,
+                 replay_start: ReplayStart = 0.1, adaptive_threshold: UnitAboveZero = 0.5, replay_groups: Count = 2,
+                 capacity: Count = 256, priority_exponent: NonNegative = 1.0, replay_penalty: NonNegative = 1.0,
+                 max_replays: Count = 3, max_age: CountOrNull = None, require_variance: bool = False,
+                 labels: list[str] | None = None, seed: int = 0) -> None:
         super().__init__(hardness=hardness, margin=margin, quantile=quantile, reward_threshold=reward_threshold,
                          window=window, prompt_momentum=prompt_momentum, retire_solved=retire_solved,
                          collect_steps=collect_steps, replay_start=replay_start,

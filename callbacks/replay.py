@@ -28,13 +28,28 @@ the sampling seeds all use it, and fractions are of ``trainer.max_steps // μ``.
   (:func:`callbacks.buffer.running_advantages`: on the fresh scale, and non-zero for zero-variance groups).
 """
 
-from __future__ import annotations
-
-from typing import Literal
+from typing import Annotated, Literal
 
 from callbacks.buffer import Entry, Hardness, option_errors
 from callbacks.replay_base import ReplayCallback
+from rerule_lightning.primitives.ranges import (
+    NULL,
+    CollectSteps,
+    Count,
+    CountOrNull,
+    NonNegative,
+    Positive,
+    Range,
+    ReplayStart,
+    UnitAboveZero,
+    UnitBelowOne,
+    UnitOpen,
+    range_errors,
+)
 from rerule_lightning.primitives.rollout import RolloutGroup
+
+#: One threshold for every label, or one per label.
+Threshold = Annotated[float | dict[str, float] | None, Range(0, 1, special=NULL)]
 
 __all__ = ["HardCaseReplayCallback", "RandomReplayCallback", "ReplayCallback"]
 
@@ -82,25 +97,22 @@ class HardCaseReplayCallback(ReplayCallback):
         seed: Seed of replay sampling.
     """
 
-    def __init__(self, hardness: Literal["margin", "quantile"] = "margin", margin: float = 0.1,
-                 quantile: float = 0.25, reward_threshold: float | dict[str, float] | None = None,
-                 window: int = 64, prompt_momentum: float = 0.5, retire_solved: bool = True,
-                 collect_steps: int | float | None = None, replay_start: int | float | Literal["adaptive"] = 0.1,
-                 adaptive_threshold: float = 0.5, spend: Literal["add", "fill"] = "fill",
-                 replay_groups: int | None = None, capacity: int = 256, priority_exponent: float = 1.0,
-                 replay_penalty: float = 1.0, max_replays: int = 3, max_age: int | None = None,
-                 correction: Literal["truncated", "clipped", "none"] = "truncated",
-                 is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
+    def __init__(self, hardness: Literal["margin", "quantile"] = "margin", margin: NonNegative = 0.1,
+                 quantile: UnitOpen = 0.25, reward_threshold: Threshold = None, window: Count = 64,
+                 prompt_momentum: UnitBelowOne = 0.5, retire_solved: bool = True, collect_steps: CollectSteps = None,
+                 replay_start: ReplayStart = 0.1, adaptive_threshold: UnitAboveZero = 0.5,
+                 spend: Literal["add", "fill"] = "fill", replay_groups: CountOrNull = None, capacity: Count = 256,
+                 priority_exponent: NonNegative = 1.0, replay_penalty: NonNegative = 1.0, max_replays: Count = 3,
+                 max_age: CountOrNull = None, correction: Literal["truncated", "clipped", "none"] = "truncated",
+                 is_level: Literal["token", "sequence"] = "token", is_cap: Positive = 2.0,
                  advantages: Literal["group", "running"] | dict[str, Literal["group", "running"]] = "group",
-                 advantage_std_floor: float = 0.1,
-                 replay_loss_weight: float = 1.0, require_variance: bool | None = None,
-                 labels: list[str] | None = None, balance_labels: bool = True, seed: int = 0) -> None:
-        errors = [msg for ok, msg in [
-            (hardness in ("margin", "quantile"), f"hardness={hardness!r}: choose margin or quantile"),
-            (0.0 < quantile < 1.0, f"quantile={quantile}: must be in (0, 1)"),
-            (priority_exponent >= 0, f"priority_exponent={priority_exponent}: must be >= 0"),
-            (replay_penalty >= 0, f"replay_penalty={replay_penalty}: must be >= 0")] if not ok]
-        errors += option_errors(correction, is_level, is_cap, replay_loss_weight)
+                 advantage_std_floor: Positive = 0.1, replay_loss_weight: NonNegative = 1.0,
+                 require_variance: bool | None = None, labels: list[str] | None = None, balance_labels: bool = True,
+                 seed: int = 0) -> None:
+        errors = range_errors(type(self), locals())
+        if hardness not in ("margin", "quantile"):
+            errors.append(f"hardness={hardness!r}: choose margin or quantile")
+        errors += option_errors(correction, is_level)
         super().__init__(collect_steps=collect_steps, replay_start=replay_start,
                          adaptive_threshold=adaptive_threshold, window=window, prompt_momentum=prompt_momentum,
                          spend=spend, replay_groups=replay_groups, capacity=capacity, max_replays=max_replays,
@@ -167,22 +179,22 @@ class RandomReplayCallback(ReplayCallback):
         seed: Seed of replay sampling.
     """
 
-    def __init__(self, window: int = 64, collect_steps: int | float | None = None,
-                 replay_start: int | float | Literal["adaptive"] = 0.1, adaptive_threshold: float = 0.5,
-                 spend: Literal["add", "fill"] = "fill", replay_groups: int | None = None, capacity: int = 256,
-                 max_replays: int = 3, max_age: int | None = None,
-                 correction: Literal["truncated", "clipped", "none"] = "truncated",
-                 is_level: Literal["token", "sequence"] = "token", is_cap: float = 2.0,
+    def __init__(self, window: Count = 64, collect_steps: CollectSteps = None, replay_start: ReplayStart = 0.1,
+                 adaptive_threshold: UnitAboveZero = 0.5, spend: Literal["add", "fill"] = "fill",
+                 replay_groups: CountOrNull = None, capacity: Count = 256, max_replays: Count = 3,
+                 max_age: CountOrNull = None, correction: Literal["truncated", "clipped", "none"] = "truncated",
+                 is_level: Literal["token", "sequence"] = "token", is_cap: Positive = 2.0,
                  advantages: Literal["group", "running"] | dict[str, Literal["group", "running"]] = "group",
-                 advantage_std_floor: float = 0.1,
-                 replay_loss_weight: float = 1.0, require_variance: bool | None = None,
-                 labels: list[str] | None = None, balance_labels: bool = True, seed: int = 0) -> None:
+                 advantage_std_floor: Positive = 0.1, replay_loss_weight: NonNegative = 1.0,
+                 require_variance: bool | None = None, labels: list[str] | None = None, balance_labels: bool = True,
+                 seed: int = 0) -> None:
+        errors = range_errors(type(self), locals()) + option_errors(correction, is_level)
         super().__init__(collect_steps=collect_steps, replay_start=replay_start, balance_labels=balance_labels,
                          adaptive_threshold=adaptive_threshold, window=window, prompt_momentum=0.5, spend=spend,
                          replay_groups=replay_groups, capacity=capacity, max_replays=max_replays, max_age=max_age,
                          advantages=advantages, advantage_std_floor=advantage_std_floor,
                          require_variance=require_variance, labels=labels, seed=seed,
-                         errors=option_errors(correction, is_level, is_cap, replay_loss_weight),
+                         errors=errors,
                          options={"correction": correction, "level": is_level, "cap": is_cap,
                                   "weight": replay_loss_weight})
 

@@ -12,8 +12,6 @@ question paraphrase of every fact; items are dicts of lists (``prompt``, ``quest
 ``value``, ``paraphrased_answer``, ``perturbed_answer``, ``id``, ``target``).
 """
 
-from __future__ import annotations
-
 import inspect
 import os
 import random
@@ -29,6 +27,7 @@ from rerule_lightning.evaluation.evaluator import FORGET, HOLDOUT
 from rerule_lightning.evaluation.suite import EvalSuite, embedded_suite
 from rerule_lightning.modules.eval_hooks import ReferenceItems, dir_signature
 from rerule_lightning.primitives.prompting import format_prompt
+from rerule_lightning.primitives.ranges import Count, CountOrNull, UnitOpen, range_errors
 
 EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
 PROMPT_COLUMNS = ("id", "prompt", "question", "label", "kind", "reference", "target", "value")
@@ -174,14 +173,12 @@ class ForgetRetainDataModule(PromptPoolLoaders, L.LightningDataModule):
     """
 
     def __init__(self, world_dir: str = ".cache/rerule/embedded/world", preset: Literal["easy", "hard"] | None = None,
-                 batch_size: int = 16, forget_fraction: float = 0.5, epoch_length: int = 1000,
-                 eval_splits: list[str] | None = None, eval_max_items: int | None = None,
-                 eval_batch_size: int = 64, seed: int = 0) -> None:
+                 batch_size: Count = 16, forget_fraction: UnitOpen = 0.5, epoch_length: Count = 1000,
+                 eval_splits: list[str] | None = None, eval_max_items: CountOrNull = None,
+                 eval_batch_size: Count = 64, seed: int = 0) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size}: must be >= 1")
-        if not 0.0 < forget_fraction < 1.0:
-            raise ValueError(f"data.forget_fraction={forget_fraction}: must be in (0, 1)")
+        if errors := range_errors(type(self), locals(), "data."):
+            raise ValueError("; ".join(errors))
         if preset not in (None, "easy", "hard"):
             raise ValueError(f"data.preset={preset!r}: choose 'easy' or 'hard'")
         splits = list(eval_splits) if eval_splits is not None else list(EVAL_SPLITS[:5])

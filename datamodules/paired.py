@@ -20,8 +20,6 @@ starts at ``trainer.global_step`` (restored from a checkpoint), so a resumed fit
 is one pass over the forget items (``ceil(forget / batch_size)`` batches).
 """
 
-from __future__ import annotations
-
 import math
 import random
 from collections.abc import Callable
@@ -32,6 +30,7 @@ import lightning as L
 from datamodules.benchmarks.base import normalise_question
 from datamodules.forget_retain import PositionedBatches, permuted_index
 from rerule_lightning.primitives.prompting import format_prompt
+from rerule_lightning.primitives.ranges import Count, range_errors
 
 BATCH_COLUMNS = ("forget_id", "forget_prompt", "forget_answer", "forget_idk", "retain_id", "retain_prompt",
                  "retain_answer")
@@ -85,12 +84,12 @@ class PairedUnlearningDataModule(L.LightningDataModule):
         seed: Seed of the forget order, the retain draws and the refusal templates.
     """
 
-    def __init__(self, benchmark: L.LightningDataModule, batch_size: int = 8,
+    def __init__(self, benchmark: L.LightningDataModule, batch_size: Count = 8,
                  forget_rows: Literal["all", "pool"] = "all", idk_answer: str = "I don't know.",
                  seed: int = 0) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size}: must be >= 1")
+        if errors := range_errors(type(self), locals(), "data."):
+            raise ValueError("; ".join(errors))
         if forget_rows not in ("all", "pool"):
             raise ValueError(f"data.forget_rows={forget_rows!r}: choose 'all' or 'pool'")
         if not hasattr(benchmark, "pool") or not hasattr(benchmark, "eval_splits"):

@@ -1,7 +1,5 @@
 """DataModule for supervised stages on the embedded world: target, retain and rejection steering."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import lightning as L
@@ -10,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.embedded import SftMode, load_world, sft_pairs
 from rerule_lightning.primitives.prompting import collate_right_padded, tokenize_pair
+from rerule_lightning.primitives.ranges import Count, NonNegative, UnitAboveZero, range_errors
 
 
 class EmbeddedSFTDataModule(L.LightningDataModule):
@@ -28,11 +27,11 @@ class EmbeddedSFTDataModule(L.LightningDataModule):
 
     def __init__(self, world_dir: str = ".cache/rerule/embedded/world",
                  tokenizer: str = ".cache/rerule/embedded/tokenizer", mode: SftMode = "rejection_steering",
-                 refusal_fraction: float = 1.0, retain_anchor_ratio: float = 1.0, batch_size: int = 32,
-                 max_length: int = 128, seed: int = 0) -> None:
+                 refusal_fraction: UnitAboveZero = 1.0, retain_anchor_ratio: NonNegative = 1.0, batch_size: Count = 32,
+                 max_length: Count = 128, seed: int = 0) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if errors := range_errors(type(self), locals()):
+            raise ValueError("; ".join(errors))
         self.save_hyperparameters()
         self.examples: list[dict[str, list[int]]] | None = None
         self._tokenizer: Any = None

@@ -76,6 +76,7 @@ from datamodules.world_text import (  # noqa: F401  (re-exported: the names of d
     fact_row,
     value_pools,
 )
+from rerule_lightning.primitives.ranges import Count, Steps, UnitAboveZero, UnitOpen, range_errors
 
 Preset = Literal["easy", "hard"]
 
@@ -109,18 +110,18 @@ class WorldConfig:
 
     seed: int = 0
     preset: Preset = "hard"
-    num_families: int = 24
-    authors_per_family: int = 4
-    num_forget_families: int = 6
-    num_boundary_easy_families: int = 12
-    num_holdout_authors: int = 12
-    num_world_facts: int = 12
-    num_perturbed: int = 3
-    rl_fact_fraction: float = 0.5
-    rl_question_index: int = 0
-    hard_fraction: float = 0.2
-    hard_first_name_collisions: int = 6
-    easy_first_name_collisions: int = 2
+    num_families: Count = 24
+    authors_per_family: Count = 4
+    num_forget_families: Count = 6
+    num_boundary_easy_families: Steps = 12
+    num_holdout_authors: Steps = 12
+    num_world_facts: Steps = 12
+    num_perturbed: Count = 3
+    rl_fact_fraction: UnitAboveZero = 0.5
+    rl_question_index: Steps = 0
+    hard_fraction: UnitOpen = 0.2
+    hard_first_name_collisions: Steps = 6
+    easy_first_name_collisions: Steps = 2
 
     def __post_init__(self) -> None:
         errors = list(self.validation_errors())
@@ -132,12 +133,7 @@ class WorldConfig:
         e: list[str] = []
         if self.preset not in ("easy", "hard"):
             e.append(f"preset={self.preset!r}: unknown preset (choose 'easy' or 'hard')")
-        for name in ("num_families", "authors_per_family", "num_forget_families", "num_perturbed"):
-            if getattr(self, name) < 1:
-                e.append(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("num_boundary_easy_families", "num_holdout_authors", "num_world_facts", "rl_question_index"):
-            if getattr(self, name) < 0:
-                e.append(f"{name}={getattr(self, name)}: must be >= 0")
+        e += range_errors(WorldConfig, vars(self))
         if self.num_forget_families + self.num_boundary_easy_families > self.num_families:
             e.append(
                 f"num_forget_families + num_boundary_easy_families = "
@@ -154,9 +150,6 @@ class WorldConfig:
         if self.num_holdout_authors > free_names:  # otherwise the holdout name search never ends
             e.append(f"num_holdout_authors={self.num_holdout_authors}: at most {max(0, free_names)} unused names "
                      "are left for these family sizes")
-        for name in ("hard_first_name_collisions", "easy_first_name_collisions"):
-            if getattr(self, name) < 0:
-                e.append(f"{name}={getattr(self, name)}: must be >= 0")
         n_hard = self.num_forget_families * (self.authors_per_family - 1)
         if self.hard_first_name_collisions > n_hard:
             e.append(f"hard_first_name_collisions={self.hard_first_name_collisions}: only {n_hard} same-family "
@@ -171,10 +164,6 @@ class WorldConfig:
         if self.authors_per_family > len(FIRST_NAMES) - self.num_forget_families:
             e.append(f"authors_per_family={self.authors_per_family}: at most {len(FIRST_NAMES) - self.num_forget_families} "
                      "first names are left once the forget authors' names are reserved")
-        if not 0.0 < self.rl_fact_fraction <= 1.0:
-            e.append(f"rl_fact_fraction={self.rl_fact_fraction}: must be in (0, 1]")
-        if not 0.0 < self.hard_fraction < 1.0:
-            e.append(f"hard_fraction={self.hard_fraction}: must be in (0, 1)")
         if self.rl_question_index >= min(len(k.questions) for k in FACT_KINDS):
             e.append(f"rl_question_index={self.rl_question_index}: each fact has only "
                      f"{min(len(k.questions) for k in FACT_KINDS)} paraphrases")

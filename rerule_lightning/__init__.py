@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "token_logprobs": "primitives.logprobs", "is_refusal": "primitives.answers", "answer_correct": "primitives.answers",
     "REFUSAL_PATTERNS": "primitives.answers", "rouge_l": "primitives.rouge", "rouge_l_recall": "primitives.rouge",
     "format_prompt": "primitives.prompting", "RolloutGroup": "primitives.rollout", "NonFiniteError": "primitives.guards",
+    "Range": "primitives.ranges", "range_errors": "primitives.ranges",
     # algorithms
     "group_advantages": "rl.grpo", "grpo_loss": "rl.grpo", "clipped_surrogate": "rl.grpo",
     "off_policy_loss": "rl.grpo", "k3_kl": "rl.grpo", "aggregate_loss": "rl.grpo", "unlearning": "unlearning",

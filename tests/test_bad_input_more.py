@@ -90,7 +90,7 @@ GPU = "mps" if torch.cuda.is_available() else "gpu"  # a device this machine lac
 
 #: (id, command, input builder, pattern the error line must contain)
 CASES: list[tuple[str, str, Callable[[Env], list[str]], str]] = [
-    # numeric knobs: flags and YAML, one table (rerule_lightning.cli.knobs)
+    # numeric knobs: flags and YAML, ranges in the signatures (rerule_lightning.primitives.ranges)
     ("knob_epsilon_high_negative", "fit", flags("--model.init_args.epsilon_high", "-1"),
      r"--model\.init_args\.epsilon_high=-1\.0: must be finite and >= 0$"),
     ("knob_epsilon_low_above_1", "fit", flags("--model.init_args.epsilon_low", "1.5"),

@@ -115,5 +115,5 @@ def test_accumulated_gradient_equals_the_single_pass_gradient(tiny_prepared: dic
 
 
 def test_micro_batch_size_is_checked() -> None:
-    with pytest.raises(ValueError, match="micro_batch_size=0: must be >= 1"):
+    with pytest.raises(ValueError, match=r"micro_batch_size=0: must be null \(off\) or >= 1"):
         GRPOUnlearningModule(micro_batch_size=0)

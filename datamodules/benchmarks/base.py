@@ -17,8 +17,6 @@ later measure). *Forget* RL prompts are exempt: training to refuse forget questi
 forget splits measure exactly that.
 """
 
-from __future__ import annotations
-
 import hashlib
 import inspect
 import json
@@ -35,6 +33,7 @@ from datamodules.forget_retain import PROMPT_COLUMNS, BalancedPromptBatches, Pro
 from rerule_lightning.evaluation.suite import EvalSuite
 from rerule_lightning.modules.eval_hooks import ReferenceItems
 from rerule_lightning.primitives.prompting import format_prompt
+from rerule_lightning.primitives.ranges import Count, CountOrNull, Steps, UnitOpen, range_errors
 
 EVAL_COLUMNS = ("id", "split", "prompt", "question", "answer", "value", "paraphrased_answer", "perturbed_answer",
                 "target")
@@ -104,24 +103,16 @@ class BenchmarkDataModule(PromptPoolLoaders, L.LightningDataModule):
     #: Hub id and default source of the benchmark (also the dataset name in error messages).
     dataset_name: str = ""
 
-    def __init__(self, source: str | None = None, batch_size: int = 16, forget_fraction: float = 0.5,
-                 epoch_length: int = 1000, eval_splits: list[str] | None = None, eval_max_items: int | None = None,
-                 eval_batch_size: int = 16, seed: int = 0, prompt_format: Literal["chat", "raw"] = "chat",
-                 tokenizer: str | None = None, few_shot: int = 0, cache_dir: str | None = None) -> None:
+    def __init__(self, source: str | None = None, batch_size: Count = 16, forget_fraction: UnitOpen = 0.5,
+                 epoch_length: Count = 1000, eval_splits: list[str] | None = None, eval_max_items: CountOrNull = None,
+                 eval_batch_size: Count = 16, seed: int = 0, prompt_format: Literal["chat", "raw"] = "chat",
+                 tokenizer: str | None = None, few_shot: Steps = 0, cache_dir: str | None = None) -> None:
         super().__init__()
         name = type(self).__name__
-        if batch_size < 1:
-            raise ValueError(f"{name}: data.batch_size={batch_size}: must be >= 1")
-        if not 0.0 < forget_fraction < 1.0:
-            raise ValueError(f"{name}: data.forget_fraction={forget_fraction}: must be in (0, 1)")
-        if eval_batch_size < 1:
-            raise ValueError(f"{name}: data.eval_batch_size={eval_batch_size}: must be >= 1")
-        if eval_max_items is not None and eval_max_items < 1:
-            raise ValueError(f"{name}: data.eval_max_items={eval_max_items}: must be >= 1 or null")
+        if errors := range_errors(type(self), locals(), "data."):
+            raise ValueError(f"{name}: " + "; ".join(errors))
         if prompt_format not in ("chat", "raw"):
             raise ValueError(f"{name}: data.prompt_format={prompt_format!r}: choose 'chat' or 'raw'")
-        if few_shot < 0:
-            raise ValueError(f"{name}: data.few_shot={few_shot}: must be >= 0")
         if few_shot and prompt_format == "chat":
             raise ValueError(f"{name}: data.few_shot={few_shot} needs data.prompt_format='raw'")
         # From the constructor frames (this class's and the subclass's arguments), never from LightningCLI's

@@ -35,18 +35,17 @@ own prompts do: :func:`knowmem_prompt`). In the chat format every prompt becomes
 (demonstrations dropped). Privleak items have an empty prompt: Min-K% scores the text from the BOS token.
 """
 
-from __future__ import annotations
-
 import os
 import random
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from datamodules.benchmarks.base import BenchmarkDataModule, data_note
 from datamodules.benchmarks.sources import SchemaError, is_local, load_validated, local_candidates
 from rerule_lightning.evaluation.suite import EvalSuite, SplitSpec
 from rerule_lightning.primitives.prompting import format_prompt
+from rerule_lightning.primitives.ranges import Count, CountOrNull, Range, UnitOpen, range_errors
 
 MUSE_SCHEMAS: dict[str, dict[str, str]] = {
     "raw": {"text": "text"},
@@ -259,12 +258,13 @@ class MUSEDataModule(BenchmarkDataModule):
     """
 
     def __init__(self, corpus: Literal["books", "news"] = "books", target_name: str | None = None,
-                 retain_split: str = "retain1", num_forget_prompts: int = 256, num_boundary_prompts: int = 256,
-                 prefix_words: int = 32, continuation_words: int = 32, overlap_ngram: int = 8,
-                 icl_shots: int | None = None, icl_overlap: Literal["keep", "error"] = "keep",
-                 skip_empty_raw: bool = True, source: str | None = None, batch_size: int = 16,
-                 forget_fraction: float = 0.5, epoch_length: int = 1000, eval_splits: list[str] | None = None,
-                 eval_max_items: int | None = None, eval_batch_size: int = 16, seed: int = 0,
+                 retain_split: str = "retain1", num_forget_prompts: Count = 256, num_boundary_prompts: Count = 256,
+                 prefix_words: Count = 32, continuation_words: Count = 32, overlap_ngram: Count = 8,
+                 icl_shots: Annotated[int, Range(0, integer=True, special=((None, "all"),))] | None = None,
+                 icl_overlap: Literal["keep", "error"] = "keep", skip_empty_raw: bool = True,
+                 source: str | None = None, batch_size: Count = 16, forget_fraction: UnitOpen = 0.5,
+                 epoch_length: Count = 1000, eval_splits: list[str] | None = None,
+                 eval_max_items: CountOrNull = None, eval_batch_size: Count = 16, seed: int = 0,
                  prompt_format: Literal["chat", "raw"] = "raw", tokenizer: str | None = None,
                  cache_dir: str | None = None) -> None:
         if corpus not in HUB_IDS:
@@ -273,11 +273,8 @@ class MUSEDataModule(BenchmarkDataModule):
             raise ValueError(f"MUSEDataModule: data.icl_overlap={icl_overlap!r}: choose 'keep' or 'error'")
         if retain_split not in ("retain1", "retain2"):
             raise ValueError(f"MUSEDataModule: data.retain_split={retain_split!r}: choose 'retain1' or 'retain2'")
-        for flag, v in (("num_forget_prompts", num_forget_prompts), ("num_boundary_prompts", num_boundary_prompts),
-                        ("prefix_words", prefix_words), ("continuation_words", continuation_words),
-                        ("overlap_ngram", overlap_ngram)):
-            if v < 1:
-                raise ValueError(f"MUSEDataModule: data.{flag}={v}: must be >= 1")
+        if errors := range_errors(type(self), locals(), "data."):
+            raise ValueError("MUSEDataModule: " + "; ".join(errors))
         self.corpus = corpus
         self.dataset_name = HUB_IDS[corpus]
         self.target_name = target_name or DEFAULT_TARGETS[corpus]

@@ -7,8 +7,6 @@ against the benchmark's evaluation items). Prompts are rendered by the benchmark
 evaluation), completions formatted for it (raw: leading space), tokenised as SFT does (loss on completion + eos).
 """
 
-from __future__ import annotations
-
 import random
 from typing import Any
 
@@ -18,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.benchmarks.base import BenchmarkDataModule, data_note, normalise_question, probe_index
 from rerule_lightning.primitives.prompting import collate_right_padded, format_answer, tokenize_pair
+from rerule_lightning.primitives.ranges import AtLeastTwo, Count, NonNegative, UnitAboveZero, range_errors
 
 
 def select_pairs(refusals: list[dict], anchors: list[dict], refusal_fraction: float, retain_anchor_ratio: float,
@@ -55,18 +54,12 @@ class RejectionSteeringDataModule(L.LightningDataModule):
             any training, naming the count and this knob (RULE trains on about 300 per target).
     """
 
-    def __init__(self, benchmark: BenchmarkDataModule, tokenizer: str, refusal_fraction: float = 0.5,
-                 retain_anchor_ratio: float = 1.0, batch_size: int = 8, max_length: int = 512, seed: int = 0,
-                 min_refusals: int = 8) -> None:
+    def __init__(self, benchmark: BenchmarkDataModule, tokenizer: str, refusal_fraction: UnitAboveZero = 0.5,
+                 retain_anchor_ratio: NonNegative = 1.0, batch_size: Count = 8, max_length: AtLeastTwo = 512,
+                 seed: int = 0, min_refusals: Count = 8) -> None:
         super().__init__()
-        if min_refusals < 1:
-            raise ValueError(f"data.min_refusals={min_refusals}: must be >= 1")
-        if not 0.0 < refusal_fraction <= 1.0:
-            raise ValueError(f"data.refusal_fraction={refusal_fraction}: must be in (0, 1]")
-        if retain_anchor_ratio < 0:
-            raise ValueError(f"data.retain_anchor_ratio={retain_anchor_ratio}: must be >= 0")
-        if batch_size < 1 or max_length < 2:
-            raise ValueError(f"data.batch_size={batch_size} / data.max_length={max_length}: must be >= 1 / >= 2")
+        if errors := range_errors(type(self), locals(), "data."):
+            raise ValueError("; ".join(errors))
         self.save_hyperparameters(ignore=["benchmark"])
         self.hparams["benchmark"] = {"class": f"{type(benchmark).__module__}.{type(benchmark).__qualname__}",
                                      **dict(benchmark.hparams)}

@@ -43,8 +43,6 @@ followed by ``Answer:`` where RWKU puts it (:func:`wrap_query`); RL prompts use 
 level-1 probes, questions as level-2 probes), so training rollouts and evaluation see one format.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import os
@@ -76,6 +74,7 @@ from rerule_lightning.evaluation.suite import EvalSuite, SplitSpec
 from rerule_lightning.modules.eval_hooks import dir_signature
 from rerule_lightning.primitives.generation import greedy_generate
 from rerule_lightning.primitives.jsonio import write_json_atomic
+from rerule_lightning.primitives.ranges import Count, CountOrNull, Steps, UnitOpen, range_errors
 
 RWKU_PROBE_SCHEMA = {"subject": "text", "query": "text", "answer": "text", "level": "str", "type": "str"}
 RWKU_SCHEMAS: dict[str, dict[str, str]] = {
@@ -195,20 +194,16 @@ class RWKUDataModule(BenchmarkDataModule):
 
     dataset_name = "jinzhuoran/RWKU"
 
-    def __init__(self, targets: list[str] | int = 1, swaps_per_target: int = 3,
+    def __init__(self, targets: list[str] | int = 1, swaps_per_target: Steps = 3,
                  boundary_entities: list[str] | None = None, reference_model: str | None = None,
-                 reference_max_new_tokens: int = 30, training_config: str | None = "train_refusal_llama3",
-                 max_train_questions: int | None = None, source: str | None = None, batch_size: int = 16,
-                 forget_fraction: float = 0.5, epoch_length: int = 1000, eval_splits: list[str] | None = None,
-                 eval_max_items: int | None = None, eval_batch_size: int = 16, seed: int = 0,
+                 reference_max_new_tokens: Count = 30, training_config: str | None = "train_refusal_llama3",
+                 max_train_questions: CountOrNull = None, source: str | None = None, batch_size: Count = 16,
+                 forget_fraction: UnitOpen = 0.5, epoch_length: Count = 1000, eval_splits: list[str] | None = None,
+                 eval_max_items: CountOrNull = None, eval_batch_size: Count = 16, seed: int = 0,
                  prompt_format: Literal["chat", "raw"] = "chat", tokenizer: str | None = None,
                  cache_dir: str | None = None) -> None:
-        if swaps_per_target < 0:
-            raise ValueError(f"RWKUDataModule: data.swaps_per_target={swaps_per_target}: must be >= 0")
-        if reference_max_new_tokens < 1:
-            raise ValueError(f"RWKUDataModule: data.reference_max_new_tokens={reference_max_new_tokens}: must be >= 1")
-        if max_train_questions is not None and max_train_questions < 1:
-            raise ValueError(f"RWKUDataModule: data.max_train_questions={max_train_questions}: must be >= 1 or null")
+        if errors := range_errors(type(self), locals(), "data."):
+            raise ValueError("RWKUDataModule: " + "; ".join(errors))
         tokenizer = tokenizer or reference_model  # recorded in hparams as the prompt tokenizer
         super().__init__(source=source, batch_size=batch_size, forget_fraction=forget_fraction,
                          epoch_length=epoch_length, eval_splits=eval_splits, eval_max_items=eval_max_items,

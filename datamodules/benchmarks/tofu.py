@@ -27,8 +27,6 @@ question is in ``retain_perturbed`` (or real authors / world facts) are evaluate
 and from the rejection-steering anchor; only the remaining retain rows are RL-visible.
 """
 
-from __future__ import annotations
-
 import random
 from typing import Literal
 
@@ -37,6 +35,14 @@ from datamodules.benchmarks.sources import SchemaError, load_rows_with_path, val
 from datamodules.benchmarks.tofu_authors import author_name, group_by_author, profile_tokens, rank_by_nearness
 from datamodules.world import REFUSAL_TEMPLATES
 from rerule_lightning.evaluation.suite import EvalSuite, SplitSpec
+from rerule_lightning.primitives.ranges import (
+    Count,
+    CountOrNull,
+    Steps,
+    UnitAboveZero,
+    UnitOpen,
+    range_errors,
+)
 
 #: open-unlearning's TOFU chat prompt: the system message and fixed date its targets were fine-tuned with.
 TOFU_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -101,23 +107,17 @@ class TOFUDataModule(BenchmarkDataModule):
         return {"system_prompt": self.system_prompt, "date_string": self.date_string}
 
     def __init__(self, forget_split: Literal["forget01", "forget05", "forget10"] = "forget10",
-                 rows_per_author: int = 20, num_perturbed: int | None = 5, forget_fraction_rl: float = 0.5,
-                 boundary_authors: int | None = None, source: str | None = None, batch_size: int = 16,
-                 forget_fraction: float = 0.5, epoch_length: int = 1000, eval_splits: list[str] | None = None,
-                 eval_max_items: int | None = None, eval_batch_size: int = 16, seed: int = 0,
-                 prompt_format: Literal["chat", "raw"] = "chat", tokenizer: str | None = None, few_shot: int = 0,
+                 rows_per_author: Count = 20, num_perturbed: CountOrNull = 5, forget_fraction_rl: UnitAboveZero = 0.5,
+                 boundary_authors: CountOrNull = None, source: str | None = None, batch_size: Count = 16,
+                 forget_fraction: UnitOpen = 0.5, epoch_length: Count = 1000, eval_splits: list[str] | None = None,
+                 eval_max_items: CountOrNull = None, eval_batch_size: Count = 16, seed: int = 0,
+                 prompt_format: Literal["chat", "raw"] = "chat", tokenizer: str | None = None, few_shot: Steps = 0,
                  cache_dir: str | None = None, system_prompt: str | None = TOFU_SYSTEM_PROMPT,
                  date_string: str | None = TOFU_DATE_STRING) -> None:
         tofu_configs(forget_split)  # validates forget_split
         self.system_prompt, self.date_string = system_prompt, date_string
-        if rows_per_author < 1:
-            raise ValueError(f"data.rows_per_author={rows_per_author}: must be >= 1")
-        if num_perturbed is not None and num_perturbed < 1:
-            raise ValueError(f"data.num_perturbed={num_perturbed}: must be >= 1 or null")
-        if not 0.0 < forget_fraction_rl <= 1.0:
-            raise ValueError(f"data.forget_fraction_rl={forget_fraction_rl}: must be in (0, 1]")
-        if boundary_authors is not None and boundary_authors < 1:
-            raise ValueError(f"data.boundary_authors={boundary_authors}: must be >= 1 or null")
+        if errors := range_errors(type(self), locals(), "data."):
+            raise ValueError("TOFUDataModule: " + "; ".join(errors))
         super().__init__(source=source, batch_size=batch_size, forget_fraction=forget_fraction,
                          epoch_length=epoch_length, eval_splits=eval_splits, eval_max_items=eval_max_items,
                          eval_batch_size=eval_batch_size, seed=seed, prompt_format=prompt_format,

@@ -1,148 +1,39 @@
-"""One declarative table of the allowed range of every numeric init argument, checked before instantiation.
+"""The numeric init arguments of a parsed ``rerule fit | validate | test`` config, checked before instantiation.
 
-:data:`KNOBS` maps a class name (a module, callback, DataModule, config dataclass, or ``Trainer``) to its
-numeric parameters and their :class:`Range`. :func:`knob_errors` walks a parsed ``rerule fit | validate | test``
-config (YAML files and flags already merged, so both are checked the same way) and returns one message per
-out-of-range value, naming its flag and the allowed range, e.g.
-``--model.init_args.epsilon_low=1.5: must be in [0, 1)``. A class matches through its MRO, so a user's
-subclass of :class:`~rerule_lightning.GRPOUnlearningModule` is checked as its parent; parameters a class does
-not have are ignored. Every float range also requires a finite value unless it says otherwise (``nan`` and
-``inf`` fail: ``nan > 0`` is false, so a plain comparison would let ``beta: .nan`` switch the KL off).
+The ranges live in the signatures (``epsilon_low: UnitBelowOne = 0.2``, :mod:`rerule_lightning.primitives.ranges`):
+:func:`knob_errors` walks the config (YAML files and flags already merged, so both are checked the same way),
+reads each component's ranges from its class (:func:`~rerule_lightning.primitives.ranges.ranges_of`, along the MRO,
+so a user's subclass of :class:`~rerule_lightning.GRPOUnlearningModule` is checked as its parent, and init
+arguments typed as a config dataclass, such as ``policy``, by its fields) and returns one message per
+out-of-range value naming its flag, e.g. ``--model.init_args.epsilon_low=1.5: must be in [0, 1)``. Only classes
+the project does not own (``Trainer``, ``ModelCheckpoint``) keep a table, :data:`KNOBS`.
 
-Constructors keep their own checks (they also run outside the CLI); this table is what makes the CLI fail
-before any class is built, with the flag's full name.
+Constructors check the same annotations themselves (they also run outside the CLI); this pass is what makes the
+CLI fail before any class is built, with the flag's full name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import math
 import re
+import types
+import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
+from rerule_lightning.primitives.ranges import (  # noqa: F401 (re-exported)
+    COUNT,
+    COUNT_OR_NULL,
+    NULL,
+    Range,
+    hints_of,
+    range_errors,
+    ranges_of,
+)
 
-@dataclass(frozen=True)
-class Range:
-    """An allowed interval, plus special values that are always accepted (``None``, ``-1`` = no limit ...).
-
-    Args:
-        lo: Lower bound (``None``: unbounded).
-        hi: Upper bound (``None``: unbounded).
-        lo_open: Whether ``lo`` itself is excluded.
-        hi_open: Whether ``hi`` itself is excluded.
-        integer: Whether the value must be an integer.
-        special: Values accepted outside the interval, with what they mean (shown in the message).
-        reason: The message instead of the range (e.g. why the bound exists).
-    """
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    integer: bool = False
-    special: tuple[tuple[Any, str], ...] = ()
-    reason: str | None = None
-
-    def describe(self) -> str:
-        """``in [0, 1)``, ``> 0``, ``>= 1``, ... with the special values first."""
-        if self.lo is not None and self.hi is not None:
-            core = f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
-        elif self.lo is not None:
-            core = f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
-        elif self.hi is not None:
-            core = f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
-        else:
-            core = "finite"
-        if self.reason:
-            return self.reason
-        # an int is typed by jsonargparse; a bounded interval excludes nan and inf by itself
-        kind = "" if self.integer or core == "finite" or (self.lo is not None and self.hi is not None) else \
-            "finite and "
-        extra = "".join(f"{_num(v) if v is not None else 'null'} ({what}) or " for v, what in self.special)
-        return f"must be {extra}{kind}{core}"
-
-    def accepts(self, value: Any) -> bool:
-        """Whether ``value`` is allowed (``bool`` is never a number here)."""
-        if any(value == v and type(value) is type(v) or (value is None and v is None) for v, _ in self.special):
-            return True
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.integer and not float(value).is_integer():
-            return False
-        if not math.isfinite(value):
-            return False
-        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
-            return False
-        return not (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)))
-
-
-def _num(v: Any) -> str:
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-
-
-NULL = ((None, "off"),)
-POSITIVE = Range(0, lo_open=True)
-NON_NEGATIVE = Range(0)
-COUNT = Range(1, integer=True)
-COUNT_OR_NULL = Range(1, integer=True, special=NULL)
-FRACTION_OPEN = Range(0, 1, lo_open=True, hi_open=True)
-#: Rewards are in [0, 1] ({0, 0.5, 1} for the RULE rewards), and ROUGE recall too.
-REWARD = Range(0, 1)
-#: ``collect_steps`` / ``replay_start``: a step count (int >= 0) or a fraction of ``max_steps`` (float in [0, 1]).
-SCHEDULE = Range(0, special=NULL + (("adaptive", "from the zero-variance fraction"),))
-
-def _without(rules: dict[str, Range], *names: str) -> dict[str, Range]:
-    return {k: v for k, v in rules.items() if k not in names}
-
-
-_REPLAY_COMMON = {
-    "window": COUNT, "prompt_momentum": Range(0, 1, hi_open=True), "collect_steps": SCHEDULE,
-    "replay_start": SCHEDULE, "adaptive_threshold": Range(0, 1, lo_open=True), "replay_groups": COUNT_OR_NULL,
-    "capacity": COUNT, "max_replays": COUNT, "max_age": COUNT_OR_NULL, "advantage_std_floor": POSITIVE,
-}
-_GROUP_REPLAY = {**_REPLAY_COMMON, "is_cap": POSITIVE, "replay_loss_weight": NON_NEGATIVE}
-_HARDNESS = {"margin": NON_NEGATIVE, "quantile": FRACTION_OPEN, "reward_threshold": Range(0, 1, special=NULL),
-             "priority_exponent": NON_NEGATIVE, "replay_penalty": NON_NEGATIVE}
-_PROMPT_DATA = {"batch_size": COUNT, "forget_fraction": FRACTION_OPEN, "epoch_length": COUNT,
-                "eval_max_items": COUNT_OR_NULL, "eval_batch_size": COUNT}
-_SFT_DATA = {"refusal_fraction": Range(0, 1, lo_open=True), "retain_anchor_ratio": NON_NEGATIVE,
-             "batch_size": COUNT, "max_length": COUNT}
-
-#: class name -> parameter -> allowed range. The same table for YAML and flags (see the module docstring).
+#: The ranges of classes the project does not own (their signatures carry none), by class name.
 KNOBS: dict[str, dict[str, Range]] = {
-    "GRPOUnlearningModule": {
-        "num_generations": Range(2, integer=True, reason="GRPO needs at least 2 completions per prompt"),
-        "max_new_tokens": COUNT, "temperature": POSITIVE,
-        "top_p": Range(0, 1, lo_open=True), "learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE,
-        "max_grad_norm": NON_NEGATIVE, "num_iterations": COUNT,  # max_grad_norm 0: no clipping
-        "beta": NON_NEGATIVE, "epsilon_low": Range(0, 1, hi_open=True),
-        "epsilon_high": NON_NEGATIVE, "dual_clip": Range(1, lo_open=True, special=NULL),
-        "recall_threshold": REWARD, "eval_max_new_tokens": COUNT, "max_consecutive_nonfinite": COUNT,
-        "micro_batch_size": COUNT_OR_NULL, "generation_batch_size": COUNT_OR_NULL,
-    },
-    "LossUnlearningModule": {
-        "learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_steps": Range(0, integer=True),
-        "max_grad_norm": NON_NEGATIVE, "forget_weight": NON_NEGATIVE, "retain_weight": NON_NEGATIVE,
-        "beta": POSITIVE, "simnpo_gamma": Range(), "rmu_layer": Range(0, integer=True),
-        "rmu_steering_coeff": POSITIVE, "max_length": Range(2, integer=True), "eval_max_new_tokens": COUNT,
-        "max_consecutive_nonfinite": COUNT,
-    },
-    "PairedUnlearningDataModule": {"batch_size": COUNT},
-    "SFTModule": {"learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_steps": Range(0, integer=True)},
-    "EvalModule": {"eval_max_new_tokens": COUNT},
-    "PolicyConfig": {"lora_r": COUNT, "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, hi_open=True)},
-    "TinyLlamaConfig": {"hidden_size": COUNT, "num_hidden_layers": COUNT, "num_attention_heads": COUNT,
-                        "intermediate_size": COUNT, "max_position_embeddings": COUNT},
-    "ReplayCallback": _REPLAY_COMMON,
-    "HardCaseReplayCallback": {**_GROUP_REPLAY, **_HARDNESS},
-    "RandomReplayCallback": _without(_GROUP_REPLAY, "prompt_momentum"),
-    "PromptReplayCallback": _without({**_REPLAY_COMMON, **_HARDNESS}, "advantage_std_floor"),
-    "ForgetRetainDataModule": _PROMPT_DATA,
-    "BenchmarkDataModule": {**_PROMPT_DATA, "few_shot": Range(0, integer=True)},
-    "EmbeddedSFTDataModule": _SFT_DATA,
-    "RejectionSteeringDataModule": {**_SFT_DATA, "min_refusals": COUNT},
     "ModelCheckpoint": {"every_n_train_steps": Range(0, integer=True, special=NULL),
                         "save_top_k": Range(-1, integer=True), "every_n_epochs": Range(0, integer=True, special=NULL)},
     "Trainer": {
@@ -156,18 +47,42 @@ KNOBS: dict[str, dict[str, Range]] = {
     },
 }
 
-#: Init arguments that are config dataclasses (no ``class_path``) -> their entry in :data:`KNOBS`.
-NESTED = {"policy": "PolicyConfig", "init": "TinyLlamaConfig"}
-
 _MAX_TIME = re.compile(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}")
 
 
+def _load(class_path: str) -> Any:
+    module, _, attr = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception:  # noqa: BLE001 - an unknown class: jsonargparse reports it
+        return None
+
+
 def rules_for(class_path: str) -> dict[str, Range]:
-    """The ranges of a class: its own and its bases' entries in :data:`KNOBS` (nearest class wins)."""
+    """The ranges of a class: its signature's (:func:`~rerule_lightning.primitives.ranges.ranges_of`) and, for a
+    class the project does not own, its own and its bases' entries in :data:`KNOBS` (nearest class wins)."""
     out: dict[str, Range] = {}
-    for n in reversed(mro_names(class_path)):  # an unknown class: jsonargparse reports it
+    for n in reversed(mro_names(class_path)):
         out.update(KNOBS.get(n, {}))
-    return out
+    cls = _load(class_path)
+    return {**out, **ranges_of(cls)} if isinstance(cls, type) else out
+
+
+def _config_class(hint: Any) -> type | None:
+    """The config dataclass in a type hint (``PolicyConfig | None`` -> ``PolicyConfig``)."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return next((c for a in typing.get_args(hint) if (c := _config_class(a)) is not None), None)
+    return None
+
+
+def nested_configs(class_path: str) -> dict[str, type]:
+    """Init arguments of a class typed as a config dataclass (``policy: PolicyConfig``), name -> dataclass."""
+    cls = _load(class_path)
+    if not isinstance(cls, type):
+        return {}
+    return {k: c for k, h in hints_of(cls).items() if (c := _config_class(h)) is not None}
 
 
 def _as_dict(node: Any) -> Any:
@@ -191,13 +106,15 @@ def _components(node: Any, prefix: str) -> Iterator[tuple[str, str, Mapping[str,
             yield from _components(v, prefix)
 
 
-def _check(flag: str, value: Any, rule: Range, owner: str | None) -> str | None:
-    values = value.items() if isinstance(value, Mapping) else [(None, value)]  # reward_threshold per label
-    for key, v in values:
-        if not rule.accepts(v):
-            where = f"{flag}.{key}" if key is not None else flag
-            return f"{where}={v}: {rule.describe()}" + (f" ({owner})" if owner else "")
-    return None
+def component_errors(flag: str, class_path: str, args: Mapping[str, Any], owner: str | None = None) -> list[str]:
+    """The out-of-range init arguments of one component (and of its config-dataclass arguments)."""
+    errors = [msg for name, rule in rules_for(class_path).items()
+              if name in args and (msg := rule.error(f"{flag}.{name}", args[name])) is not None]
+    for arg, config_cls in nested_configs(class_path).items():
+        nested = _as_dict(args.get(arg))
+        if isinstance(nested, Mapping):
+            errors += range_errors(config_cls, nested, f"{flag}.{arg}.")
+    return [e + f" ({owner})" for e in errors] if owner else errors
 
 
 def knob_errors(config: Any) -> list[str]:
@@ -210,28 +127,13 @@ def knob_errors(config: Any) -> list[str]:
     errors: list[str] = []
     for key in ("model", "data"):
         for flag, class_path, args in _components(cfg.get(key), f"--{key}"):
-            for name, rule in rules_for(class_path).items():
-                if name in args and (msg := _check(f"{flag}.{name}", args[name], rule, None)):
-                    errors.append(msg)
-        # config dataclasses without class_path (policy: PolicyConfig, init: TinyLlamaConfig)
-        args = _as_dict((_as_dict(cfg.get(key)) or {}).get("init_args")) or {}
-        for arg, cls in NESTED.items():
-            nested = _as_dict(args.get(arg))
-            if isinstance(nested, Mapping):
-                for name, rule in KNOBS[cls].items():
-                    if name in nested and (msg := _check(f"--{key}.init_args.{arg}.{name}", nested[name], rule,
-                                                         None)):
-                        errors.append(msg)
+            errors += component_errors(flag, class_path, args)
     trainer = _as_dict(cfg.get("trainer")) or {}
-    for name, rule in KNOBS["Trainer"].items():
-        if name in trainer and (msg := _check(f"--trainer.{name}", trainer[name], rule, None)):
-            errors.append(msg)
+    errors += [msg for name, rule in KNOBS["Trainer"].items()
+               if name in trainer and (msg := rule.error(f"--trainer.{name}", trainer[name])) is not None]
     errors += trainer_errors(trainer)
     for flag, class_path, args in _components(trainer.get("callbacks"), "--trainer.callbacks"):
-        owner = class_path.rsplit(".", 1)[-1]
-        for name, rule in rules_for(class_path).items():
-            if name in args and (msg := _check(f"{flag}.{name}", args[name], rule, owner)):
-                errors.append(msg)
+        errors += component_errors(flag, class_path, args, owner=class_path.rsplit(".", 1)[-1])
     return errors
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -36,6 +35,7 @@ from rerule_lightning.cli.reference_build import (
     write_reference,
 )
 from rerule_lightning.modules.sft import TinyLlamaConfig
+from rerule_lightning.primitives.ranges import Count, NonNegative, Positive, Steps, range_errors
 
 
 @dataclass
@@ -51,23 +51,16 @@ class SFTTrainConfig:
         seed: Initialisation and shuffling seed.
     """
 
-    epochs: int = 20
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    batch_size: int = 64
-    weight_decay: float = 0.0
+    epochs: Count = 20
+    learning_rate: Positive = 3e-3
+    warmup_steps: Steps = 50
+    batch_size: Count = 64
+    weight_decay: NonNegative = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"target_training.{name}={getattr(self, name)}: must be >= 1")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"target_training.learning_rate={self.learning_rate}: must be finite and > 0")
-        if self.warmup_steps < 0:
-            raise ValueError(f"target_training.warmup_steps={self.warmup_steps}: must be >= 0")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"target_training.weight_decay={self.weight_decay}: must be finite and >= 0")
+        if errors := range_errors(SFTTrainConfig, vars(self), "target_training."):
+            raise ValueError("; ".join(errors))
 
 
 def _hash(*parts: Any) -> str:

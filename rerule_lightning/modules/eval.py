@@ -6,8 +6,6 @@ Validation and test share the evaluation steps of :mod:`rerule_lightning.modules
 :class:`rerule_lightning.modules.grpo.GRPOUnlearningModule`.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import lightning as L
@@ -16,6 +14,7 @@ import torch
 from rerule_lightning.evaluation.evaluator import UnlearningEvaluator
 from rerule_lightning.modules.eval_hooks import EvaluationHooks
 from rerule_lightning.primitives.policy import PolicyConfig, load_base_model, load_tokenizer, plain_hparams
+from rerule_lightning.primitives.ranges import Count, range_errors
 
 
 class EvalModule(EvaluationHooks, L.LightningModule):
@@ -30,8 +29,10 @@ class EvalModule(EvaluationHooks, L.LightningModule):
     """
 
     def __init__(self, policy: PolicyConfig | None = None, eval_reference: str | None = None,
-                 eval_report_path: str | None = None, eval_max_new_tokens: int = 32) -> None:
+                 eval_report_path: str | None = None, eval_max_new_tokens: Count = 32) -> None:
         super().__init__()
+        if errors := range_errors(type(self), locals()):
+            raise ValueError("EvalModule: " + "; ".join(errors))
         self.save_hyperparameters(ignore=["policy"])
         self.policy_cfg = policy or PolicyConfig()
         plain_hparams(self, policy=self.policy_cfg)

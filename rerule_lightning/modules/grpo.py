@@ -56,8 +56,6 @@ the fit saves ``nonfinite_stop.ckpt`` and raises :class:`~rerule_lightning.primi
 counters are in the checkpoint, so a resumed fit continues them exactly.
 """
 
-from __future__ import annotations
-
 import contextlib
 from typing import Any, Literal
 
@@ -66,6 +64,7 @@ import torch
 
 from rerule_lightning.evaluation.evaluator import UnlearningEvaluator
 from rerule_lightning.modules.eval_hooks import EvaluationHooks
+from rerule_lightning.modules.replay_hooks import ReplayHooks
 from rerule_lightning.primitives import logprobs
 from rerule_lightning.primitives.checkpointing import (
     TrainableStateMixin,
@@ -82,21 +81,31 @@ from rerule_lightning.primitives.policy import (
     plain_hparams,
     reference_context,
 )
+from rerule_lightning.primitives.ranges import (
+    Count,
+    CountOrNull,
+    DualClip,
+    GroupSize,
+    NonNegative,
+    Positive,
+    Unit,
+    UnitAboveZero,
+    UnitBelowOne,
+    range_errors,
+)
 from rerule_lightning.primitives.rollout import (
     RolloutGroup,
     keep_groups,
     replay_slots,
-    split_groups,
-    stack_groups,
 )
 from rerule_lightning.rl.grpo import group_advantages, grpo_loss
 from rerule_lightning.rl.micro_batch import chunked_logprobs
 from rerule_lightning.rl.rewards import build_reward
-from rerule_lightning.rl.step import ClipSettings, micro_batched_iteration, replay_token_loss
+from rerule_lightning.rl.step import ClipSettings, micro_batched_iteration
 from rerule_lightning.rl.step_log import reward_matrix, step_metrics
 
 
-class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModule):
+class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.LightningModule):
     """GRPO on forget and boundary prompts with verifiable RULE rewards (manual optimization).
 
     Checkpoints hold the trainable weights only (:class:`~rerule_lightning.primitives.checkpointing.TrainableStateMixin`):
@@ -155,43 +164,24 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
     """
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
-                 num_generations: int = 8, max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0,
-                 generation_batch_size: int | None = None, stop_token_ids: list[int] | None = None, generation_kwargs: dict[str, Any] | None = None,
-                 learning_rate: float = 2e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
-                 num_iterations: int = 1, micro_batch_size: int | None = None, beta: float = 0.01, epsilon_low: float = 0.2, epsilon_high: float = 0.3,
-                 dual_clip: float | None = 3.0,
+                 num_generations: GroupSize = 8, max_new_tokens: Count = 32, temperature: Positive = 1.0,
+                 top_p: UnitAboveZero = 1.0, generation_batch_size: CountOrNull = None,
+                 stop_token_ids: list[int] | None = None, generation_kwargs: dict[str, Any] | None = None,
+                 learning_rate: Positive = 2e-6, weight_decay: NonNegative = 0.01, max_grad_norm: NonNegative = 1.0,
+                 num_iterations: Count = 1, micro_batch_size: CountOrNull = None, beta: NonNegative = 0.01,
+                 epsilon_low: UnitBelowOne = 0.2, epsilon_high: NonNegative = 0.3, dual_clip: DualClip = 3.0,
                  loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
                  scale_rewards: Literal["group", "batch", "none"] = "group", reward: str | list[str] = "rule",
-                 reward_weights: list[float] | None = None,
-                 target_aware: bool = False, recall_threshold: float = 0.3, eval_max_new_tokens: int = 32,
-                 seed: int = 0, export_dir: str | None = None, eval_reference: str | None = None,
-                 eval_report_path: str | None = None, max_consecutive_nonfinite: int = 3) -> None:
+                 reward_weights: list[float] | None = None, target_aware: bool = False, recall_threshold: Unit = 0.3,
+                 eval_max_new_tokens: Count = 32, seed: int = 0, export_dir: str | None = None,
+                 eval_reference: str | None = None, eval_report_path: str | None = None,
+                 max_consecutive_nonfinite: Count = 3) -> None:
         super().__init__()
-        errors = []
-        if max_new_tokens < 1:
-            errors.append(f"max_new_tokens={max_new_tokens}: must be >= 1")
-        if learning_rate <= 0:
-            errors.append(f"learning_rate={learning_rate}: must be > 0")
-        if max_consecutive_nonfinite < 1:
-            errors.append(f"max_consecutive_nonfinite={max_consecutive_nonfinite}: must be >= 1")
-        if num_generations < 2:
-            errors.append(f"num_generations={num_generations}: GRPO needs at least 2 completions per prompt")
-        if num_iterations < 1:
-            errors.append(f"num_iterations={num_iterations}: must be >= 1")
-        if generation_batch_size is not None and generation_batch_size < 1:
-            errors.append(f"generation_batch_size={generation_batch_size}: must be >= 1 (or null for one call)")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            errors.append(f"micro_batch_size={micro_batch_size}: must be >= 1 (or null for one pass)")
-        if temperature <= 0:
-            errors.append(f"temperature={temperature}: must be > 0")
-        if not 0 < top_p <= 1:
-            errors.append(f"top_p={top_p}: must be in (0, 1]")
+        errors = range_errors(type(self), locals())
         if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
             errors.append(f"loss_type={loss_type!r}: choose grpo, bnpo, dr_grpo or dapo")
         if scale_rewards not in ("group", "batch", "none"):
             errors.append(f"scale_rewards={scale_rewards!r}: choose group, batch or none")
-        if beta < 0:
-            errors.append(f"beta={beta}: must be >= 0")
         errors += check_generation_kwargs(generation_kwargs)
         if errors:
             raise ValueError("GRPOUnlearningModule: " + "; ".join(errors))
@@ -247,7 +237,6 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         Returns:
             ``(logp [N, T'], mask [N, T'])``.
         """
-
         model = self.ref_model if reference and self.ref_model is not None else self.model
         ctx = reference_context(model) if reference and self.ref_model is None else contextlib.nullcontext()
         with ctx:
@@ -354,60 +343,12 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         if "nonfinite" in checkpoint:
             self.nonfinite.load_state_dict(checkpoint["nonfinite"])
 
-    def replay_inputs(self, replay: list[RolloutGroup]) -> dict[str, Any]:
-        """Everything the replayed loss needs that does not change across the μ iterations of a step.
-
-        Pads the stored groups to one length. With β > 0 their reference log-probs are the ones stored at
-        sampling time (the reference is frozen), or computed once here for groups stored without them.
-
-        Args:
-            replay: Groups placed in ``batch["replay"]`` by a replay callback, ``advantages`` set.
-        """
-        inputs = stack_groups(replay, self.tokenizer.pad_token_id, self.device)
-        if self.hparams.beta == 0:
-            inputs["ref_logprobs"] = None
-        elif inputs["ref_logprobs"] is None:  # some group was stored without them: one reference pass here
-            with torch.no_grad():
-                inputs["ref_logprobs"], _ = chunked_logprobs(
-                    self._reference_logprobs, inputs["prompt_ids"], inputs["completion_ids"],
-                    inputs["completion_mask"], self.hparams.micro_batch_size)
-        return inputs
-
-    def replay_loss(self, inputs: dict[str, Any],
-                    opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-token off-policy loss of replayed groups (their stored completions, behaviour log-probs, advantages).
-
-        Not aggregated: ``training_step`` reduces it together with the fresh tokens under one normaliser, each
-        replayed token weighted by ``opts["weight"]`` (module docstring).
-
-        Args:
-            inputs: :meth:`replay_inputs` of the groups in ``batch["replay"]``.
-            opts: ``batch["replay_options"]``: ``correction`` (truncated / clipped / none), ``level``
-                (token / sequence), ``cap`` (c̄); ``clipped`` uses the module's ε and dual clip.
-
-        Returns:
-            ``(per_token [R*G, T'], mask [R*G, T'], stats)``: ℓ^off + β·KL3 per token; stats ``replay/*``
-            (IS weight mean / max, truncated fraction, ESS, KL).
-        """
-        logp, m = self.sequence_logprobs(inputs["prompt_ids"], inputs["completion_ids"],
-                                         inputs["completion_mask"])  # [R*G, T']
-        per_tok, stats = replay_token_loss(logp, m, inputs, slice(None), opts, self._clip())
-        return per_tok, m, stats
-
     def _clip(self) -> ClipSettings:
         h = self.hparams
         return ClipSettings(h.beta, h.epsilon_low, h.epsilon_high, h.dual_clip)
 
     def _reference_logprobs(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sequence_logprobs(*args, reference=True)
-
-    def _groups(self, batch: dict[str, Any], prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
-                mask: torch.Tensor, logp: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
-                texts: list[str], step: int, ref_logp: torch.Tensor | None = None,
-                kept: list[int] | None = None) -> list[RolloutGroup]:
-        """The step's fresh groups for the replay contract (:func:`rerule_lightning.primitives.rollout.split_groups`)."""
-        return split_groups(batch, prompt_ids, completion_ids, mask, rewards, advantages, texts, step, logp,
-                            ref_logp, kept)
 
     def _log_step(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], rewards: torch.Tensor,
                   mask: torch.Tensor, batch: dict[str, Any], applicable: torch.Tensor) -> None:

@@ -24,10 +24,8 @@ Logged per step: ``train/loss``, ``train/forget_loss``, ``train/retain_loss`` an
 trained on, ``train/forget_tokens`` and ``train/retain_tokens`` (restored from checkpoints).
 """
 
-from __future__ import annotations
-
 import contextlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
@@ -45,6 +43,7 @@ from rerule_lightning.primitives.policy import (
     reference_context,
 )
 from rerule_lightning.primitives.prompting import collate_right_padded, format_answer, tokenize_pair
+from rerule_lightning.primitives.ranges import Count, NonNegative, Positive, Range, Steps, range_errors
 from rerule_lightning.unlearning import losses
 
 Method = Literal["ga", "npo", "simnpo", "idkdpo", "rmu"]
@@ -95,28 +94,21 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
     """
 
     def __init__(self, policy: PolicyConfig | None = None, method: Method = "npo", regularizer: Regularizer = "none",
-                 reference_path: str | None = None, learning_rate: float = 1e-5, weight_decay: float = 0.01,
-                 warmup_steps: int = 0, max_grad_norm: float = 1.0, forget_weight: float = 1.0,
-                 retain_weight: float = 1.0, beta: float = 0.1, simnpo_gamma: float = 0.0, rmu_layer: int = 1,
-                 rmu_update_layers: list[int] | None = None, rmu_param_filter: str = "mlp.down_proj",
-                 rmu_steering_coeff: float = 20.0, max_length: int = 512, eval_max_new_tokens: int = 32,
-                 seed: int = 0, export_dir: str | None = None, eval_reference: str | None = None,
-                 eval_report_path: str | None = None, max_consecutive_nonfinite: int = 3) -> None:
+                 reference_path: str | None = None, learning_rate: Positive = 1e-5, weight_decay: NonNegative = 0.01,
+                 warmup_steps: Steps = 0, max_grad_norm: NonNegative = 1.0, forget_weight: NonNegative = 1.0,
+                 retain_weight: NonNegative = 1.0, beta: Positive = 0.1, simnpo_gamma: Annotated[float, Range()] = 0.0,
+                 rmu_layer: Steps = 1, rmu_update_layers: list[int] | None = None, rmu_param_filter: str = "mlp.down_proj",
+                 rmu_steering_coeff: Positive = 20.0, max_length: Annotated[int, Range(2, integer=True)] = 512,
+                 eval_max_new_tokens: Count = 32, seed: int = 0, export_dir: str | None = None,
+                 eval_reference: str | None = None, eval_report_path: str | None = None,
+                 max_consecutive_nonfinite: Count = 3) -> None:
         super().__init__()
         errors = []
         if method not in METHODS:
             errors.append(f"method={method!r}: choose one of {', '.join(METHODS)}")
         if regularizer not in REGULARIZERS:
             errors.append(f"regularizer={regularizer!r}: choose one of {', '.join(REGULARIZERS)}")
-        if learning_rate <= 0:
-            errors.append(f"learning_rate={learning_rate}: must be > 0")
-        if beta <= 0:
-            errors.append(f"beta={beta}: must be > 0")
-        if warmup_steps < 0 or max_length < 2 or max_consecutive_nonfinite < 1:
-            errors.append(f"warmup_steps={warmup_steps} / max_length={max_length} / max_consecutive_nonfinite="
-                          f"{max_consecutive_nonfinite}: must be >= 0 / >= 2 / >= 1")
-        if rmu_layer < 0:
-            errors.append(f"rmu_layer={rmu_layer}: must be >= 0")
+        errors += range_errors(type(self), locals())
         if errors:
             raise ValueError("LossUnlearningModule: " + "; ".join(errors))
         self.save_hyperparameters(ignore=["policy"])

@@ -4,8 +4,6 @@ Used three times: to train the embedded target model, the embedded retain model,
 stage, rejection steering (refusal answers to forget questions, optionally anchored with retain answers).
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +21,7 @@ from rerule_lightning.primitives.policy import (
     save_policy,
 )
 from rerule_lightning.primitives.prompting import IGNORE_INDEX, collate_right_padded, tokenize_pair  # noqa: F401
+from rerule_lightning.primitives.ranges import Count, NonNegative, Positive, Steps, range_errors
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,15 +52,14 @@ class TinyLlamaConfig:
         max_position_embeddings: Longest sequence the model accepts.
     """
 
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    intermediate_size: int = 384
-    max_position_embeddings: int = 128
+    hidden_size: Count = 128
+    num_hidden_layers: Count = 4
+    num_attention_heads: Count = 4
+    intermediate_size: Count = 384
+    max_position_embeddings: Count = 128
 
     def __post_init__(self) -> None:
-        errors = [f"model.{k}={getattr(self, k)}: must be >= 1" for k in ("hidden_size", "num_hidden_layers",
-                  "num_attention_heads", "intermediate_size", "max_position_embeddings") if getattr(self, k) < 1]
+        errors = range_errors(TinyLlamaConfig, vars(self), "model.")
         if not errors and self.hidden_size % self.num_attention_heads:
             errors.append(f"model.hidden_size={self.hidden_size}: must be a multiple of model.num_attention_heads="
                           f"{self.num_attention_heads}")
@@ -102,12 +100,15 @@ class SFTModule(TrainableStateMixin, L.LightningModule):
     """
 
     def __init__(self, policy: PolicyConfig | None = None, init: TinyLlamaConfig | None = None,
-                 learning_rate: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 learning_rate: Positive = 1e-4, weight_decay: NonNegative = 0.0, warmup_steps: Steps = 0,
                  scheduler: Literal["cosine", "constant"] = "cosine", export_dir: str | None = None,
                  export_merged: bool = True) -> None:
         super().__init__()
+        errors = range_errors(type(self), locals())
         if scheduler not in ("cosine", "constant"):
-            raise ValueError(f"scheduler={scheduler!r}: choose 'cosine' or 'constant'")
+            errors.append(f"scheduler={scheduler!r}: choose 'cosine' or 'constant'")
+        if errors:
+            raise ValueError("SFTModule: " + "; ".join(errors))
         self.save_hyperparameters(ignore=["policy", "init"])
         self.policy_cfg = policy or PolicyConfig()
         self.init = init

@@ -12,9 +12,11 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+
+from rerule_lightning.primitives.ranges import POSITIVE, Count, UnitBelowOne, range_errors
 
 PeftMode = Literal["full", "lora", "qlora"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,9 +43,9 @@ class PolicyConfig:
     name_or_path: str = ".cache/rerule/embedded/target"
     tokenizer: str | None = None
     peft: PeftMode = "full"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_r: Count = 16
+    lora_alpha: Annotated[int, POSITIVE] = 32
+    lora_dropout: UnitBelowOne = 0.0
     lora_target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -55,8 +57,8 @@ class PolicyConfig:
             raise ValueError(f"policy.peft={self.peft!r}: choose 'full', 'lora' or 'qlora'")
         if self.dtype not in _DTYPES:
             raise ValueError(f"policy.dtype={self.dtype!r}: choose one of {sorted(_DTYPES)}")
-        if self.lora_r < 1:
-            raise ValueError(f"policy.lora_r={self.lora_r}: must be >= 1")
+        if errors := range_errors(PolicyConfig, vars(self), "policy."):
+            raise ValueError("; ".join(errors))
 
 
 def plain_hparams(module: object, **configs: object) -> None:
