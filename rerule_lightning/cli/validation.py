@@ -145,13 +145,18 @@ def check_grpo_inputs(model: Any, datamodule: Any) -> None:
                          "(a local directory or a hub id)")
     check_local_path(cfg.name_or_path, "--model.init_args.policy.name_or_path")
     try:
+        tok = load_tokenizer(cfg)
+    except (OSError, ValueError):  # loading the policy will say what is wrong; the rewards are probed anyway
+        tok = None
+    check_rewards(model, datamodule, tok)
+    try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):  # e.g. an adapter-only directory: loading the policy will say what is wrong
         return
     limit = getattr(config, "max_position_embeddings", None)
     if not limit:
         return
-    tok = load_tokenizer(cfg)
+    tok = tok if tok is not None else load_tokenizer(cfg)
     bos = 1 if tok.bos_token_id is not None else 0
     count = lambda text: bos + len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     world = getattr(datamodule.hparams, "world_dir", "the world")
@@ -174,6 +179,31 @@ def check_grpo_inputs(model: Any, datamodule: Any) -> None:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ValueError(errors[0] + more + f"; lower the flag or use a model with a longer context than "
                          f"{cfg.name_or_path}")
+
+
+def check_rewards(model: Any, datamodule: Any, tokenizer: Any) -> None:
+    """Every reward of a GRPO module takes TRL's call and returns one float / ``None`` per completion, tried on
+    one forget and one boundary row of the RL pool (:meth:`~rerule_lightning.rl.reward_contract.RewardContract.
+    preflight`), before the model is loaded.
+
+    Raises:
+        ValueError: One line naming the reward (``--model.init_args.reward``) and what is wrong.
+    """
+    from rerule_lightning.rl.reward_contract import RewardContract, probe_call
+
+    contract = getattr(model, "reward_fn", None)
+    pool = list(getattr(datamodule, "pool", None) or [])
+    columns = getattr(datamodule, "prompt_columns", None)  # the columns of its training batches
+    if not isinstance(contract, RewardContract) or not pool or not columns:
+        return
+    rows = [next(r for r in pool if r.get("label") == lab) for lab in ("forget", "boundary")
+            if any(r.get("label") == lab for r in pool)]
+    encode = (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None \
+        else (lambda text: [])
+    try:
+        contract.preflight(probe_call(rows, columns, encode))
+    except ValueError as e:
+        raise ValueError(f"--model.init_args.reward: {e}") from None
 
 
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")

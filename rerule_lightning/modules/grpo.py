@@ -91,7 +91,14 @@ from rerule_lightning.primitives.rollout import (
 )
 from rerule_lightning.rl.grpo import group_advantages, grpo_loss
 from rerule_lightning.rl.micro_batch import chunked_logprobs
-from rerule_lightning.rl.rewards import build_reward
+from rerule_lightning.rl.reward_contract import (
+    RewardContract,
+    RewardTrainerState,
+    batch_columns,
+    completion_id_lists,
+    per_function_metrics,
+    score_rewards,
+)
 from rerule_lightning.rl.step import ClipSettings, micro_batched_iteration, replay_token_loss
 from rerule_lightning.rl.step_log import reward_matrix, step_metrics
 
@@ -135,10 +142,12 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         loss_type: Normaliser: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
         scale_rewards: Advantage scaling: ``group``, ``batch`` or ``none``.
         reward: A reward in :data:`rerule_lightning.rl.rewards.REWARD_FUNCTIONS`, an import path
-            ``package.module:function`` of a function ``(prompts, completions, **columns) -> list[float | None]``
-            (columns: ``labels``, ``references``, ``values``, ``targets``, ``target_aware``,
-            ``recall_threshold``), or a list of them, summed with ``reward_weights``. ``None`` means "not
-            applicable": left out of the group's mean and std, advantage 0.
+            ``package.module:function`` of a TRL reward function, called as TRL calls it:
+            ``fn(prompts=, completions=, completion_ids=, trainer_state=, **columns)`` with the batch's columns
+            under their own names (``id``, ``question``, ``label``, ``kind``, ``reference``, ``target``,
+            ``value``), returning one float or ``None`` per completion (:mod:`rerule_lightning.rl.reward_contract`);
+            or a list of them, summed with ``reward_weights`` (each logged as ``train/rewards/<name>/mean``).
+            ``None`` means "not applicable": left out of the group's mean and std, advantage 0.
         reward_weights: One weight per entry of ``reward`` (default: 1 each).
         target_aware: Forget reward variant: 0.5 for refusing + 0.5 for naming the target.
         recall_threshold: Boundary reward: ROUGE-L recall needed for the second 0.5.
@@ -196,7 +205,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         if errors:
             raise ValueError("GRPOUnlearningModule: " + "; ".join(errors))
         try:
-            self.reward_fn = build_reward(reward, reward_weights)  # fails early on an unknown name or path
+            self.reward_fn = RewardContract(reward, reward_weights, {"target_aware": target_aware,
+                                                                     "recall_threshold": recall_threshold})
         except ValueError as e:
             raise ValueError(f"GRPOUnlearningModule: reward={reward!r}: {e}") from None
         self.save_hyperparameters(ignore=["policy"])
@@ -264,9 +274,10 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         sampled_at = int(self.global_step)  # the groups' step: global_step before this step's update(s)
         prompt_ids, completion_ids, mask, texts = self._sample(prompts)
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
-        raw = self.reward_fn(rep(prompts), texts, labels=rep(batch["label"]), references=rep(batch["reference"]),
-                             values=rep(batch["value"]), targets=rep(batch["target"]), target_aware=h.target_aware,
-                             recall_threshold=h.recall_threshold)
+        state = RewardTrainerState(sampled_at, int(self.trainer.max_steps), float(self.current_epoch))
+        raw, per_fn = score_rewards(self.reward_fn, {  # TRL's keyword call (rl/reward_contract.py)
+            "prompts": rep(prompts), "completions": texts, "completion_ids": completion_id_lists(completion_ids, mask),
+            "trainer_state": state, **batch_columns(batch, g)})
         rewards, applicable = reward_matrix(raw, b, g, self.device)  # [B, G] x2
         rewards_all, applicable_all = rewards, applicable
         if self.trainer.world_size > 1:
@@ -339,6 +350,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         if supplied:
             stats["sequences_trained"] = torch.tensor(float((len(kept) + len(replay)) * g))
         self._log_step(loss, stats, rewards, mask, batch, applicable)
+        if per_fn:
+            self.log_dict(per_function_metrics(per_fn), batch_size=b, on_step=True, on_epoch=False)
         return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
