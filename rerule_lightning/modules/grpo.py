@@ -120,11 +120,12 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
             keep 1.0, RULE's setting, for exact ratios).
         generation_batch_size: Sequences per rollout ``generate`` call (whole prompts: ``// num_generations``
             prompts each, at least one); ``None`` samples the whole batch at once. Bounds the KV cache.
-        stop_token_ids: Further token ids that end a completion besides the tokenizer's EOS (e.g. Llama-3's
-            ``<|eot_id|>``).
+        stop_token_ids: Further token ids that end a completion besides the tokenizer's EOS and the model's own
+            ``generation_config.eos_token_id`` (an int or a list, e.g. Llama-3.1's ``<|eot_id|>``), which are
+            always used (:func:`rerule_lightning.primitives.generation.stop_ids`).
         generation_kwargs: Extra rollout ``GenerationConfig`` fields that leave the sampling distribution
             unchanged: ``cache_implementation``, ``cache_config``, ``use_cache``, ``stop_strings``; anything else
-            is refused. Rollouts never read the model's own ``generation_config``
+            is refused. Rollouts read only the stop ids from the model's own ``generation_config``
             (:func:`rerule_lightning.primitives.generation.sample_rollouts`).
         learning_rate: AdamW learning rate (constant).
         weight_decay: AdamW weight decay.
