@@ -270,6 +270,26 @@ def check_checkpoint_model(cli: Any, checkpoint: tuple[str, Mapping[str, Any]] |
     check_state_dict_matches(shapes, model.state_dict(), path)
 
 
+def check_master_weights(model: Any, trainer: Any) -> None:
+    """``rerule fit`` of a module that trains ``policy``: every trainable parameter float32
+    (:func:`rerule_lightning.primitives.policy.master_weight_error`), checked on the config alone.
+
+    Raises:
+        ValueError: One line naming the setting to change.
+    """
+    import lightning as L
+
+    from rerule_lightning.primitives.policy import PolicyConfig, master_weight_error
+
+    cfg = getattr(model, "policy_cfg", None)
+    trains = getattr(type(model), "training_step", None) is not L.LightningModule.training_step
+    if not isinstance(cfg, PolicyConfig) or not trains:  # e.g. the evaluation module (bf16 weights are fine)
+        return
+    problem = master_weight_error(cfg, getattr(trainer, "precision", None))
+    if problem:
+        raise ValueError(problem)
+
+
 def preflight(cli: Any, subcommand: str) -> None:
     """What the ``rerule fit | validate | test`` CLI checks and sets up before Lightning runs anything.
 
@@ -277,6 +297,7 @@ def preflight(cli: Any, subcommand: str) -> None:
     built (:func:`rerule_lightning.cli.paths.check_paths`). Then, in order (the first failure stops; nothing has been
     trained, written or logged yet, no MLflow run exists):
 
+    0. ``fit``: every trainable parameter is float32 (:func:`check_master_weights`);
     1. every HTTP(S) MLflow tracking server answers (:func:`rerule_lightning.tracking.logger.check_reachable`);
     2. the world files and prompt lengths (:func:`check_grpo_inputs`);
     3. a ``--ckpt_path`` file (already checked to be a safe Lightning checkpoint while parsing, by
@@ -292,6 +313,8 @@ def preflight(cli: Any, subcommand: str) -> None:
     from rerule_lightning.tracking.logger import ResilientMLFlowLogger, check_reachable
 
     trainer = cli.trainer
+    if subcommand == "fit":
+        check_master_weights(cli.model, trainer)
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):
             check_reachable(logger._tracking_uri)
