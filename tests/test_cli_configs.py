@@ -4,6 +4,7 @@ and the ``rerule fit`` path runs RULE and rejection steering from YAML on the ti
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,15 @@ def _is_eval_only(path: Path, cfg: dict[str, Any]) -> bool:
 
 
 def _lightning_args(path: Path) -> tuple[list[str], dict[str, Any]]:
-    """Subcommand and ``--config`` arguments for one config; an overlay (no ``model``) goes on rule.yaml."""
+    """Subcommand and ``--config`` arguments for one config; an overlay (no ``model``) goes on the stage config its
+    usage line names (``rerule fit --config configs/<stage>.yaml --config <overlay>``), else on rule.yaml."""
     cfg = _load(path)
-    configs = [path] if "class_path" in (cfg.get("model") or {}) else [RULE, path]  # overlays go on rule.yaml
+    base = RULE
+    own = path.relative_to(CONFIGS.parent).as_posix()
+    m = re.search(r"--config (configs/\S+\.yaml) --config " + re.escape(own), path.read_text())
+    if m and m.group(1) != "configs/embedded/rule.yaml":
+        base = CONFIGS.parent / m.group(1)
+    configs = [path] if "class_path" in (cfg.get("model") or {}) else [base, path]
     sub = "test" if _is_eval_only(path, cfg) else "fit"
     args = [sub]
     for c in configs:
