@@ -66,12 +66,14 @@ import torch
 
 from rerule_lightning.evaluation.evaluator import UnlearningEvaluator
 from rerule_lightning.modules.eval_hooks import EvaluationHooks
+from rerule_lightning.modules.exporting import export_module
 from rerule_lightning.primitives import logprobs
 from rerule_lightning.primitives.checkpointing import (
     TrainableStateMixin,
     check_state_dict_matches,
     frozen_state_keys,
 )
+from rerule_lightning.primitives.export import ExportConfig
 from rerule_lightning.primitives.generation import check_generation_kwargs, sample_completions
 from rerule_lightning.primitives.guards import NonFiniteCounter, guarded_optimizer_step
 from rerule_lightning.primitives.policy import (
@@ -154,7 +156,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         recall_threshold: Boundary reward: ROUGE-L recall needed for the second 0.5.
         eval_max_new_tokens: Greedy tokens per answer in validation / test.
         seed: Seed of the per-step sampling.
-        export_dir: If set, the policy is saved there (``save_pretrained``) at the end of fit.
+        export_dir: If set, the policy is exported there at the end of fit (and at each checkpoint of
+            :class:`callbacks.ResumableCheckpoint`): :mod:`rerule_lightning.primitives.export`.
         eval_reference: Retain model directory for forget quality and privleak in validation / test (its
             statistics are computed once, lazily, and cached next to it).
         eval_report_path: Where ``test`` writes ``eval.json`` (rank zero); ``None`` writes nothing.
@@ -162,6 +165,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
             skipped, parameters and optimizer state untouched) after which the fit stops with
             :class:`~rerule_lightning.primitives.guards.NonFiniteError`, having saved the last good state to
             ``nonfinite_stop.ckpt`` (in the checkpoint directory, else ``trainer.default_root_dir``).
+        export: How ``export_dir`` is written: ``merge`` (Q)LoRA adapters into plain weights, ``push_to_hub``
+            a repository, the model card (:class:`~rerule_lightning.primitives.export.ExportConfig`).
     """
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
@@ -175,7 +180,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
                  reward_weights: list[float] | None = None,
                  target_aware: bool = False, recall_threshold: float = 0.3, eval_max_new_tokens: int = 32,
                  seed: int = 0, export_dir: str | None = None, eval_reference: str | None = None,
-                 eval_report_path: str | None = None, max_consecutive_nonfinite: int = 3) -> None:
+                 eval_report_path: str | None = None, max_consecutive_nonfinite: int = 3,
+                 export: ExportConfig | None = None) -> None:
         super().__init__()
         errors = []
         if max_new_tokens < 1:
@@ -210,10 +216,11 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
                                                                      "recall_threshold": recall_threshold})
         except ValueError as e:
             raise ValueError(f"GRPOUnlearningModule: reward={reward!r}: {e}") from None
-        self.save_hyperparameters(ignore=["policy"])
+        self.save_hyperparameters(ignore=["policy", "export"])
         self.automatic_optimization = False
         self.policy_cfg = policy or PolicyConfig()
-        plain_hparams(self, policy=self.policy_cfg)
+        self.export_cfg = export or ExportConfig()
+        plain_hparams(self, policy=self.policy_cfg, export=self.export_cfg)
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -433,7 +440,4 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
             self.log("kl", stats["kl"], prog_bar=True, batch_size=b, logger=False)
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            from rerule_lightning.primitives.policy import save_policy
-
-            save_policy(self.model, self.tokenizer, self.hparams.export_dir)
+        export_module(self, final=True)
