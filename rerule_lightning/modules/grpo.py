@@ -360,7 +360,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, L.LightningModu
         self._log_step(loss, stats, rewards, mask, batch, applicable)
         if per_fn:
             self.log_dict(per_function_metrics(per_fn), batch_size=b, on_step=True, on_epoch=False)
-        return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
+        return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used,
+                "rewards_per_function": per_fn}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
