@@ -82,6 +82,10 @@ def missing_path_hint(path: str) -> str:
         if len(tail) >= 2 and tail[0] == "baselines":
             return (f"It is the export of the baseline {tail[1]!r}: run "
                     f"`rerule fit --config configs/baselines/{tail[1]}.yaml` first.")
+        if len(tail) >= 3 and tail[0] == "tofu" and tail[2] in ("rs", "rule"):  # the model axis' run directories
+            folder = "models/" if tail[2] == "rule" else f"models/{tail[2]}/"
+            return (f"It is the export of the tofu stage {tail[2]!r} of model {tail[1]!r}: run `rerule fit --config "
+                    f"configs/tofu/{tail[2]}.yaml --config configs/{folder}{tail[1]}.yaml` first.")
         if len(tail) >= 2 and tail[0] in ("tofu", "muse_books", "muse_news", "rwku"):
             config = (f"configs/{tail[0]}/{tail[1]}.yaml" if tail[1] in ("rs", "rule")
                       else f"configs/baselines/{tail[0]}_{tail[1]}.yaml")  # e.g. tofu/npo: a baseline
