@@ -90,8 +90,8 @@ def test_half_trainable_weights_refused_before_training(tiny_prepared: dict, tmp
 
 @pytest.mark.slow
 def test_shipped_real_settings_move_99_percent_of_a_bf16_model(tiny_prepared: dict, tmp_path: Path) -> None:
-    """configs/tofu/rs.yaml's precision settings (policy dtype, trainer precision, lr 1e-5, schedule) on the tiny
-    model stored in bf16: 10 steps change >= 99 % of its trainable weights."""
+    """configs/tofu/rs.yaml's precision settings (policy dtype, trainer precision, lr 1e-5, schedule, gradient
+    accumulation) on the tiny model stored in bf16: 10 optimizer steps change >= 99 % of its trainable weights."""
     shipped = yaml.safe_load((CONFIGS / "tofu" / "rs.yaml").read_text())
     m, pol = shipped["model"]["init_args"], shipped["model"]["init_args"]["policy"]
     assert m["learning_rate"] == 1e-5 and pol["peft"] == "full"
@@ -100,6 +100,7 @@ def test_shipped_real_settings_move_99_percent_of_a_bf16_model(tiny_prepared: di
     out = tmp_path / "out"
     rc = main(["fit", "--config", str(RS), "--model.init_args.policy.name_or_path", start,
                "--model.init_args.policy.dtype", pol["dtype"], "--trainer.precision", shipped["trainer"]["precision"],
+               "--trainer.accumulate_grad_batches", str(shipped["trainer"]["accumulate_grad_batches"]),
                "--model.init_args.learning_rate", str(m["learning_rate"]),
                "--model.init_args.weight_decay", str(m["weight_decay"]),
                "--model.init_args.warmup_steps", str(m["warmup_steps"]), "--model.init_args.scheduler", m["scheduler"],

@@ -143,6 +143,9 @@ KNOBS: dict[str, dict[str, Range]] = {
     "BenchmarkDataModule": {**_PROMPT_DATA, "few_shot": Range(0, integer=True)},
     "EmbeddedSFTDataModule": _SFT_DATA,
     "RejectionSteeringDataModule": {**_SFT_DATA, "min_refusals": COUNT},
+    "ResumableCheckpoint": {"every_n_train_steps": COUNT, "save_top_k": Range(-1, integer=True)},
+    "CompletionsTable": {"every_n_steps": Range(0, integer=True), "num_groups": Range(0, integer=True),
+                         "num_eval_items": Range(0, integer=True), "max_chars": COUNT},
     "ModelCheckpoint": {"every_n_train_steps": Range(0, integer=True, special=NULL),
                         "save_top_k": Range(-1, integer=True), "every_n_epochs": Range(0, integer=True, special=NULL)},
     "Trainer": {
