@@ -134,7 +134,7 @@ def load_base_model(path: str, cfg: PolicyConfig, quantize: bool = False) -> tor
 
 
 #: Trainer precisions that cast every parameter, trainable ones included, to a 16-bit type (no float32 master).
-TRUE_HALF_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
+TRUE_HALF_PRECISIONS = ("bf16-true", "16-true")
 
 
 def master_weight_error(cfg: PolicyConfig, precision: str | None = None) -> str | None:
