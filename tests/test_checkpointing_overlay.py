@@ -103,12 +103,14 @@ def _adapter(export: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigterm_leaves_checkpoint_and_export_and_resume_matches_uninterrupted(tiny_chat_model: str,
-                                                                               tmp_path: Path) -> None:
+def test_sigterm_leaves_checkpoint_and_export_and_resume_matches_uninterrupted(tiny_chat_model: str, tmp_path: Path,
+                                                                               one_torch_thread: None,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    from rerule_lightning.cli.commands import main
+
     env = _env(tmp_path)
-    full = subprocess.run(_command(tiny_chat_model, tmp_path, "full", slow=False), env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert full.returncode == 0, full.stderr[-3000:]
+    assert main(_command(tiny_chat_model, tmp_path, "full", slow=False)[3:]) == 0  # in-process: the reference run
     first = tmp_path / "cut" / "checkpoints" / "step000002.ckpt"
     log = tmp_path / "cut.err"
     with open(log, "w") as err:
@@ -140,9 +142,7 @@ def test_sigterm_leaves_checkpoint_and_export_and_resume_matches_uninterrupted(t
     assert card["final"] is False and card["step"] == stopped
     assert "checkpoint export" in (export / "README.md").read_text()
     # resume from last: exactly the uninterrupted run's adapters
-    resumed = subprocess.run(_command(tiny_chat_model, tmp_path, "cut", slow=False) + ["--ckpt_path", "last"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert main(_command(tiny_chat_model, tmp_path, "cut", slow=False)[3:] + ["--ckpt_path", "last"]) == 0
     a, b = _adapter(tmp_path / "full" / "export"), _adapter(export)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((export / "rerule_export.json").read_text())["final"] is True
