@@ -1,11 +1,13 @@
 # Two commands on a fresh machine:
-#   make demo   - create .venv, install CPU torch and the package, run the main job on the embedded world
-#   make test   - create .venv, install CPU torch and the package with dev extras, run the test suite
-# GPU users: install the CUDA build of torch you want first, e.g. `make setup TORCH=torch`.
+#   make demo   - create .venv, install torch 2.13.0 and the package, run the main job on the embedded world
+#   make test   - create .venv, install torch 2.13.0 and the package with dev extras, run the test suite
+# On Linux x86_64 PyPI's torch==2.13.0 is the CUDA build (it runs on CPU too, but pulls several GB of nvidia-* CUDA wheels); the
+# CPU-only build: `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`. Another torch: `TORCH=torch`.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint clean
@@ -15,7 +17,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -13,12 +13,21 @@ the other two (full / LoRA / QLoRA). The components, in bytes (GiB = 2**30 bytes
   ``prepare_model_for_kbit_training`` up-casts every parameter that is not quantised. Full fine-tuning with a
   KL term (GRPO, beta > 0) holds a second, frozen copy (the reference); (Q)LoRA disables adapters instead.
 * **trainable**: LoRA: r * (in + out) per adapted linear, fp32 parameter + gradient + 2 AdamW states = 16 bytes;
-  full: gradient + 2 AdamW states in ``policy.dtype`` (6 bytes in bf16; the parameter is in weights).
+  full: gradient + 2 AdamW states in ``policy.dtype``, which full fine-tuning requires to be float32 (the weights
+  are their own float32 master copy; a bf16 one would round AdamW's small steps away and is refused before
+  training): 12 bytes, the parameter's 4 being in weights. **The master-weight choice and its cost**: float32
+  weights under ``trainer.precision: bf16-mixed`` (bf16 autocast compute) take 16 bytes per parameter against
+  pure bf16's 8 (2 weight + 6 gradient / AdamW); an fp32 master copy beside bf16 weights would cost the same
+  16 (2 + 2 + 4 + 8) and a Kahan-compensated bf16 optimizer about 10, but needs a custom optimizer: we take
+  Lightning's standard mixed precision. For the TOFU 1B target (1.24 B parameters) that is 18.5 GiB against
+  9.2 GiB static (plus the frozen reference, 4.6 GiB in float32, under GRPO with KL); (Q)LoRA adapters are
+  float32 at 16 bytes each in every case, so the 8B QLoRA configs pay nothing extra.
 * **activations** for n sequences of L tokens per forward / backward (GRPO: n = ``micro_batch_size`` when set,
   else batch_size * num_generations; L = prompt + max_new_tokens; RS: n = batch_size, L = max_length): per token
   and layer 6h + 2h_kv + 4i elements in ``policy.dtype`` (attention: residual, normed input, q, k, v, attention
   output; SwiGLU MLP: residual, normed input, gate, up, act(gate), product). With gradient checkpointing only each
-  layer's input (h) is kept, plus one layer's full set recomputed during backward. QLoRA: the two normed inputs
+  layer's input (h) is kept, plus one layer's full set recomputed during backward. Activations, logits and the
+  kv cache are in the *compute* dtype: bf16 under ``trainer.precision: bf16-mixed``, else ``policy.dtype``. QLoRA: the two normed inputs
   come out of float32 norms, so they are float32: + 2h * (4 - dtype bytes) per token and (kept) layer.
 * **logits**: GRPO keeps ``[n, T, V]`` logits of the T completion positions of one micro-batch in
   ``policy.dtype`` and, for the backward of log-softmax, their float32 upcast
@@ -54,6 +63,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Prompt tokens per benchmark (chat template + question; MUSE prompts carry longer text), by config folder.
 PROMPT_TOKENS = {"tofu": 96, "muse_books": 256, "muse_news": 256, "rwku": 96}
 BENCHMARK_DIRS = ("tofu", "muse_books", "muse_news", "rwku")
+#: ``trainer.precision`` -> the autocast (compute) dtype.
+PRECISION_COMPUTE = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
 @dataclass(frozen=True)
@@ -147,25 +158,29 @@ def kv_cache_bytes(arch: Arch, n_seq: int, length: int, dtype_bytes: int) -> flo
 
 def estimate(arch: Arch, stage: str, peft: str, dtype: str, n_seq: int, prompt: int, completion: int,
              checkpointing: bool, lora_r: int = 16, beta: float = 0.0,
-             micro_batch_size: int | None = None, generation_batch_size: int | None = None) -> dict[str, float]:
+             micro_batch_size: int | None = None, generation_batch_size: int | None = None,
+             compute: str | None = None) -> dict[str, float]:
     """Components and peak (bytes) of one step; ``stage`` is ``grpo``, ``rs`` or ``eval`` (module docstring).
 
     For ``rs`` pass the sequence length as ``prompt`` and 0 as ``completion``. ``n_seq`` is the whole batch
     (GRPO: B*G); ``micro_batch_size`` the sequences of one GRPO forward / backward and ``generation_batch_size``
     those of one rollout ``generate`` call (``None``: all of them).
 
+    ``dtype`` is the weights' (``policy.dtype``), ``compute`` the autocast dtype (``None``: the weights').
+
     Returns:
         ``weights``, ``trainable``, ``activations``, ``logits``, ``per_token``, ``kv_cache``, ``overhead`` and
         ``peak`` = weights + trainable + overhead + per_token + max(activations + logits, kv_cache).
     """
-    db = DTYPE_BYTES[dtype]
+    wb = DTYPE_BYTES[dtype]
+    db = DTYPE_BYTES[compute or dtype]
     q = peft == "qlora"
     n_pass = n_seq if stage != "grpo" or micro_batch_size is None else min(n_seq, micro_batch_size)
     length = prompt + completion
-    w = weight_bytes(arch, peft, db)
+    w = weight_bytes(arch, peft, wb)
     if stage == "grpo" and peft == "full" and beta > 0:
         w *= 2  # frozen reference copy
-    out = {"weights": w, "trainable": 0.0 if stage == "eval" else trainable_bytes(arch, peft, db, lora_r),
+    out = {"weights": w, "trainable": 0.0 if stage == "eval" else trainable_bytes(arch, peft, wb, lora_r),
            "activations": 0.0, "logits": 0.0, "per_token": 0.0, "kv_cache": 0.0, "overhead": float(OVERHEAD)}
     logit_bytes = 8 if q else db + 4  # QLoRA: float32 lm_head (float32 logits) + the log-softmax upcast
     if stage == "grpo":
@@ -209,7 +224,8 @@ def config_case(path: str, prompt_tokens: int | None = None) -> dict[str, Any]:
             "dtype": pol.get("dtype", "float32"), "checkpointing": bool(pol.get("gradient_checkpointing", False)),
             "lora_r": int(pol.get("lora_r", 16)), "beta": float(m_args.get("beta", 0.01)),
             "micro_batch_size": m_args.get("micro_batch_size"),
-            "generation_batch_size": m_args.get("generation_batch_size")}
+            "generation_batch_size": m_args.get("generation_batch_size"),
+            "compute": PRECISION_COMPUTE.get(str((cfg.get("trainer") or {}).get("precision")))}
     if cls.endswith("GRPOUnlearningModule"):
         g = int(m_args.get("num_generations", 8))
         case.update(stage="grpo", n_seq=int(data.get("batch_size", 16)) * g, prompt=prompt,
@@ -229,10 +245,15 @@ def rows_for(case: dict[str, Any]) -> list[dict[str, Any]]:
     if case["stage"] == "eval":
         modes = ["qlora", "full"] if case["peft"] == "qlora" else [case["peft"]]
     rows = []
+    compute = case.get("compute") or case["dtype"]
     for m in modes:
-        est = estimate(arch, case["stage"], m, case["dtype"], case["n_seq"], case["prompt"], case["completion"],
+        # full fine-tuning trains float32 master weights (bf16 ones are refused) under the config's compute dtype
+        dtype = "float32" if m == "full" and case["stage"] != "eval" else case["dtype"]
+        if m != "full" and dtype == "float32" and compute != "float32":
+            dtype = compute  # (Q)LoRA: the frozen base in the compute dtype
+        est = estimate(arch, case["stage"], m, dtype, case["n_seq"], case["prompt"], case["completion"],
                        case["checkpointing"], case["lora_r"], case["beta"], case.get("micro_batch_size"),
-                       case.get("generation_batch_size"))
+                       case.get("generation_batch_size"), compute=compute)
         rows.append({**case, "mode": m + (" (config)" if m == case["peft"] else ""), **est})
     return rows
 

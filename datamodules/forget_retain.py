@@ -127,6 +127,9 @@ class PromptPoolLoaders:
     and the hyper-parameters ``batch_size``, ``forget_fraction``, ``seed``, ``epoch_length``, ``eval_batch_size``.
     """
 
+    #: The columns of a training batch (what a reward receives besides ``prompts``; the CLI probes rewards with them).
+    prompt_columns = PROMPT_COLUMNS
+
     def train_dataloader(self) -> BalancedPromptBatches:
         if self._train is None:
             h = self.hparams

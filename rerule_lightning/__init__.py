@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     # model primitives
     "PolicyConfig": "primitives.policy", "build_policy": "primitives.policy", "load_tokenizer": "primitives.policy",
     "save_policy": "primitives.policy", "greedy_generate": "primitives.generation",
+    "ExportConfig": "primitives.export", "write_export": "primitives.export",
     "token_logprobs": "primitives.logprobs", "is_refusal": "primitives.answers", "answer_correct": "primitives.answers",
     "REFUSAL_PATTERNS": "primitives.answers", "rouge_l": "primitives.rouge", "rouge_l_recall": "primitives.rouge",
     "format_prompt": "primitives.prompting", "RolloutGroup": "primitives.rollout", "NonFiniteError": "primitives.guards",
@@ -47,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "off_policy_loss": "rl.grpo", "k3_kl": "rl.grpo", "aggregate_loss": "rl.grpo", "unlearning": "unlearning",
     "rule_reward": "rl.rewards", "forget_reward": "rl.rewards", "boundary_reward": "rl.rewards",
     "refusal_reward": "rl.rewards", "get_reward_fn": "rl.rewards", "REWARD_FUNCTIONS": "rl.rewards",
+    "RewardContract": "rl.reward_contract",
     # evaluation
     "UnlearningEvaluator": "evaluation.evaluator", "EvalSuite": "evaluation.suite", "SplitSpec": "evaluation.suite",
     "metrics": "evaluation.metrics",
@@ -55,7 +57,8 @@ _EXPORTS: dict[str, str] = {
     "EvalModule": "modules.eval", "ReferenceItems": "modules.eval_hooks", "compute_reference": "modules.eval_hooks",
     "LossUnlearningModule": "modules.loss",
     # infrastructure and commands
-    "ResilientMLFlowLogger": "tracking.logger", "prepare_embedded": "cli.prepare:prepare",
+    "ResilientMLFlowLogger": "tracking.logger", "CompletionsTable": "tracking.completions",
+    "prepare_embedded": "cli.prepare:prepare",
     "report_runs": "cli.report:report", "demo_main": "cli.pipeline",
 }
 

@@ -4,6 +4,7 @@ and the ``rerule fit`` path runs RULE and rejection steering from YAML on the ti
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ PREPARE = CONFIGS / "embedded" / "prepare.yaml"
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_model_summary", "false"]
 
-LIGHTNING_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p != PREPARE)
+CHECKPOINTING = CONFIGS / "checkpointing.yaml"  # a callback list the real stages include (test_checkpointing_overlay)
+LIGHTNING_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in (PREPARE, CHECKPOINTING))
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,9 +39,15 @@ def _is_eval_only(path: Path, cfg: dict[str, Any]) -> bool:
 
 
 def _lightning_args(path: Path) -> tuple[list[str], dict[str, Any]]:
-    """Subcommand and ``--config`` arguments for one config; an overlay (no ``model``) goes on rule.yaml."""
+    """Subcommand and ``--config`` arguments for one config; an overlay (no ``model``) goes on the stage config its
+    usage line names (``rerule fit --config configs/<stage>.yaml --config <overlay>``), else on rule.yaml."""
     cfg = _load(path)
-    configs = [path] if "class_path" in (cfg.get("model") or {}) else [RULE, path]  # overlays go on rule.yaml
+    base = RULE
+    own = path.relative_to(CONFIGS.parent).as_posix()
+    m = re.search(r"--config (configs/\S+\.yaml) --config " + re.escape(own), path.read_text())
+    if m and m.group(1) != "configs/embedded/rule.yaml":
+        base = CONFIGS.parent / m.group(1)
+    configs = [path] if "class_path" in (cfg.get("model") or {}) else [base, path]
     sub = "test" if _is_eval_only(path, cfg) else "fit"
     args = [sub]
     for c in configs:
@@ -69,6 +77,8 @@ def test_every_config_instantiates_without_loading_weights(path: Path, no_weight
         assert getattr(importlib.import_module(module), name) is type(cli.model)
     assert getattr(cli.model, "model", None) is None, "configure_model ran at instantiation"
     overlay_callbacks = (cfg.get("trainer") or {}).get("callbacks+") or (cfg.get("trainer") or {}).get("callbacks")
+    if isinstance(overlay_callbacks, str):  # a callback-list file, resolved against the config's folder
+        overlay_callbacks = _load(path.parent / overlay_callbacks)
     for cb in overlay_callbacks or []:
         wanted = cb["class_path"].rsplit(".", 1)[-1]
         assert wanted in {type(c).__name__ for c in cli.trainer.callbacks}, wanted

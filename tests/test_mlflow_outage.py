@@ -78,7 +78,7 @@ def test_run_that_raises_is_marked_failed(mlflow_server: str, tiny_prepared: dic
     import rerule_lightning.modules.grpo as grpo_module
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(grpo_module, "build_reward", lambda name, weights=None: lambda *a, **k: [float("nan")] * len(a[0]))
+    monkeypatch.setattr(grpo_module, "RewardContract", lambda *a, **k: lambda **kw: [float("nan")] * len(kw["prompts"]))
     rc = main(fit_args(tiny_prepared, tmp_path, mlflow_server, "raises")
               + ["--model.init_args.max_consecutive_nonfinite", "2"])
     assert rc == 1  # the CLI reports the NonFiniteError as one `rerule: error:` line

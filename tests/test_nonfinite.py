@@ -149,7 +149,7 @@ def test_cli_reports_the_stop_as_one_error_line(tiny_prepared: dict, tmp_path: P
     from tests.test_cli_configs import QUIET, RULE, _rule_overrides
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(gm, "build_reward", lambda name, weights=None: lambda prompts, *a, **k: [math.nan] * len(prompts))
+    monkeypatch.setattr(gm, "RewardContract", lambda *a, **k: lambda prompts, **kw: [math.nan] * len(prompts))
     rc = main(["fit", "--config", str(RULE), *_rule_overrides(tiny_prepared, tmp_path),
                "--model.init_args.max_consecutive_nonfinite", "2", "--trainer.default_root_dir", str(tmp_path),
                "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0", *QUIET])

@@ -15,6 +15,7 @@ import torch
 from rerule_lightning.cli.commands import main
 from rerule_lightning.cli.lightning_cli import lightning_main
 from rerule_lightning.rl.grpo import group_advantages
+from rerule_lightning.rl.reward_contract import RewardContract
 from rerule_lightning.rl.rewards import WeightedReward, build_reward, rule_reward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,11 +33,11 @@ def brevity(completion: str, label: str) -> float | None:
     return None if label == "forget" or len(completion.split()) >= 4 else len(completion) / 10
 
 
-def boundary_brevity(prompts: list[str], completions: list[str], *, labels: list[str], **columns: Any
+def boundary_brevity(prompts: list[str], completions: list[str], label: list[str], **columns: Any
                      ) -> list[float | None]:
-    """A user reward with the TRL contract (:func:`brevity` per item)."""
-    CALLS.append({"n": len(completions), "labels": list(labels), "columns": sorted(columns)})
-    RETURNED.append([brevity(c, lab) for c, lab in zip(completions, labels)])
+    """A user reward with the TRL contract (:func:`brevity` per item; ``label`` is the batch's own column)."""
+    CALLS.append({"n": len(completions), "labels": list(label), "columns": sorted(columns)})
+    RETURNED.append([brevity(c, lab) for c, lab in zip(completions, label)])
     return RETURNED[-1]
 
 
@@ -71,20 +72,21 @@ def test_masked_advantages_by_hand() -> None:
 
 
 def test_weighted_rewards_skip_none_and_name_bad_entries() -> None:
-    combined = build_reward(["refusal", "test_open_rewards:boundary_brevity"], [2.0, 0.5])
-    assert isinstance(combined, WeightedReward)
-    out = combined(["p"] * 3, ["I'm sorry, I can't help with that.", "Paris", "a b c d e"],
-                   labels=["forget", "boundary", "boundary"])
-    assert out == [2.0, 0.25, 0.0]  # forget: 2 x refusal + brevity n/a; boundary: 2 x 0 + 0.5 x (0.5 | n/a)
-    only = build_reward("test_open_rewards.boundary_brevity")
-    assert only(["p", "p"], ["x", "y z w"], labels=["forget", "boundary"]) == [None, 0.5]
-    assert build_reward("rule") is rule_reward
+    combined = RewardContract(["refusal", "test_open_rewards:boundary_brevity"], [2.0, 0.5])
+    total, per = combined.score(prompts=["p"] * 3, completions=["I'm sorry, I can't help with that.", "Paris",
+                                                                  "a b c d e"], label=["forget", "boundary", "boundary"])
+    assert total == [2.0, 0.25, 0.0]  # forget: 2 x refusal + brevity n/a; boundary: 2 x 0 + 0.5 x (0.5 | n/a)
+    assert per == {"refusal": [1.0, 0.0, 0.0], "boundary_brevity": [None, 0.5, None]}
+    only = RewardContract("test_open_rewards.boundary_brevity")
+    assert only(prompts=["p", "p"], completions=["x", "y z w"], label=["forget", "boundary"]) == [None, 0.5]
+    legacy = build_reward(["refusal", "test_open_rewards:boundary_brevity"], [2.0, 0.5])  # the positional helper
+    assert isinstance(legacy, WeightedReward) and build_reward("rule") is rule_reward
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
-        build_reward("no_such_module:f")
+        RewardContract("no_such_module:f")
     with pytest.raises(ValueError, match="has no function 'nope'"):
-        build_reward("test_open_rewards:nope")
+        RewardContract("test_open_rewards:nope")
     with pytest.raises(ValueError, match="reward_weights has 1 weights but there are 2 rewards"):
-        build_reward(["rule", "refusal"], [1.0])
+        RewardContract(["rule", "refusal"], [1.0])
 
 
 def test_bad_reward_path_in_yaml_is_one_line_error(tiny_prepared: dict, tmp_path: Path,
@@ -114,13 +116,15 @@ def test_user_reward_from_yaml_with_not_applicable_items(tiny_prepared: dict, tm
                     "--model.init_args.export_dir", "null", "--trainer.max_steps", "1", "--trainer.logger", "false",
                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                     "--trainer.default_root_dir", str(tmp_path / "run")])
-    assert len(CALLS) == 1 and CALLS[0]["n"] == 16
-    applies = [v is not None for v in RETURNED[0]]
+    assert len(CALLS) == 2 and CALLS[0]["n"] == 2 and CALLS[1]["n"] == 16  # the preflight's probe, then step 0
+    applies = [v is not None for v in RETURNED[1]]
     metrics = METRICS[0]
     assert metrics["train/reward_applicable_frac"] == pytest.approx(sum(applies) / 16)
     assert metrics["train/reward_applicable_mean"] == pytest.approx(
-        sum(v for v in RETURNED[0] if v is not None) / sum(applies), rel=1e-6)
-    assert {"references", "values", "targets", "target_aware", "recall_threshold"} <= set(CALLS[0]["columns"])
+        sum(v for v in RETURNED[1] if v is not None) / sum(applies), rel=1e-6)
+    # TRL's keywords and the batch's columns under their own names, nothing renamed
+    assert set(CALLS[1]["columns"]) == {"completion_ids", "trainer_state", "id", "question", "kind", "reference",
+                                        "target", "value"}
     groups = OUTPUTS[0]["groups"]
     assert {g.label for g in groups} == {"forget", "boundary"}
     differs = 0

@@ -166,7 +166,10 @@ def rerule_cli_class() -> type:
 
     class ReruleCLI(LightningCLI):
         """``LightningCLI`` with ``--threads``, one-line config errors and :func:`~rerule_lightning.cli.validation.
-        preflight` (tracking server, inputs, checkpoint) before fit / validate / test."""
+        preflight` (tracking server, inputs, checkpoint) before fit / validate / test. A
+        :class:`~rerule_lightning.tracking.completions.CompletionsTable` with its defaults is added to the trainer's
+        callbacks unless the config lists one (list one to configure it; ``every_n_steps: 0`` and
+        ``num_eval_items: 0`` turn it off)."""
 
         #: ``(path, parameter names -> shapes)`` of a ``--ckpt_path`` file, checked while parsing.
         checkpoint: tuple[str, Mapping[str, Any]] | None = None
@@ -213,7 +216,10 @@ def rerule_cli_class() -> type:
                     raise
                 raise ConfigError(one_line_error(str(err), self._subcommand_config())) from err
             from rerule_lightning.cli.interrupts import watch_trainer
+            from rerule_lightning.tracking.completions import CompletionsTable
 
+            if not any(isinstance(c, CompletionsTable) for c in self.trainer.callbacks):  # on by default
+                self.trainer.callbacks.append(CompletionsTable())
             watch_trainer(self.trainer)  # a signal's ending line names its checkpoints
 
         def before_fit(self) -> None:

@@ -145,13 +145,18 @@ def check_grpo_inputs(model: Any, datamodule: Any) -> None:
                          "(a local directory or a hub id)")
     check_local_path(cfg.name_or_path, "--model.init_args.policy.name_or_path")
     try:
+        tok = load_tokenizer(cfg)
+    except (OSError, ValueError):  # loading the policy will say what is wrong; the rewards are probed anyway
+        tok = None
+    check_rewards(model, datamodule, tok)
+    try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError):  # e.g. an adapter-only directory: loading the policy will say what is wrong
         return
     limit = getattr(config, "max_position_embeddings", None)
     if not limit:
         return
-    tok = load_tokenizer(cfg)
+    tok = tok if tok is not None else load_tokenizer(cfg)
     bos = 1 if tok.bos_token_id is not None else 0
     count = lambda text: bos + len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     world = getattr(datamodule.hparams, "world_dir", "the world")
@@ -174,6 +179,31 @@ def check_grpo_inputs(model: Any, datamodule: Any) -> None:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ValueError(errors[0] + more + f"; lower the flag or use a model with a longer context than "
                          f"{cfg.name_or_path}")
+
+
+def check_rewards(model: Any, datamodule: Any, tokenizer: Any) -> None:
+    """Every reward of a GRPO module takes TRL's call and returns one float / ``None`` per completion, tried on
+    one forget and one boundary row of the RL pool (:meth:`~rerule_lightning.rl.reward_contract.RewardContract.
+    preflight`), before the model is loaded.
+
+    Raises:
+        ValueError: One line naming the reward (``--model.init_args.reward``) and what is wrong.
+    """
+    from rerule_lightning.rl.reward_contract import RewardContract, probe_call
+
+    contract = getattr(model, "reward_fn", None)
+    pool = list(getattr(datamodule, "pool", None) or [])
+    columns = getattr(datamodule, "prompt_columns", None)  # the columns of its training batches
+    if not isinstance(contract, RewardContract) or not pool or not columns:
+        return
+    rows = [next(r for r in pool if r.get("label") == lab) for lab in ("forget", "boundary")
+            if any(r.get("label") == lab for r in pool)]
+    encode = (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None \
+        else (lambda text: [])
+    try:
+        contract.preflight(probe_call(rows, columns, encode))
+    except ValueError as e:
+        raise ValueError(f"--model.init_args.reward: {e}") from None
 
 
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
@@ -240,6 +270,26 @@ def check_checkpoint_model(cli: Any, checkpoint: tuple[str, Mapping[str, Any]] |
     check_state_dict_matches(shapes, model.state_dict(), path)
 
 
+def check_master_weights(model: Any, trainer: Any) -> None:
+    """``rerule fit`` of a module that trains ``policy``: every trainable parameter float32
+    (:func:`rerule_lightning.primitives.policy.master_weight_error`), checked on the config alone.
+
+    Raises:
+        ValueError: One line naming the setting to change.
+    """
+    import lightning as L
+
+    from rerule_lightning.primitives.policy import PolicyConfig, master_weight_error
+
+    cfg = getattr(model, "policy_cfg", None)
+    trains = getattr(type(model), "training_step", None) is not L.LightningModule.training_step
+    if not isinstance(cfg, PolicyConfig) or not trains:  # e.g. the evaluation module (bf16 weights are fine)
+        return
+    problem = master_weight_error(cfg, getattr(trainer, "precision", None))
+    if problem:
+        raise ValueError(problem)
+
+
 def preflight(cli: Any, subcommand: str) -> None:
     """What the ``rerule fit | validate | test`` CLI checks and sets up before Lightning runs anything.
 
@@ -247,6 +297,7 @@ def preflight(cli: Any, subcommand: str) -> None:
     built (:func:`rerule_lightning.cli.paths.check_paths`). Then, in order (the first failure stops; nothing has been
     trained, written or logged yet, no MLflow run exists):
 
+    0. ``fit``: every trainable parameter is float32 (:func:`check_master_weights`);
     1. every HTTP(S) MLflow tracking server answers (:func:`rerule_lightning.tracking.logger.check_reachable`);
     2. the world files and prompt lengths (:func:`check_grpo_inputs`);
     3. a ``--ckpt_path`` file (already checked to be a safe Lightning checkpoint while parsing, by
@@ -262,6 +313,8 @@ def preflight(cli: Any, subcommand: str) -> None:
     from rerule_lightning.tracking.logger import ResilientMLFlowLogger, check_reachable
 
     trainer = cli.trainer
+    if subcommand == "fit":
+        check_master_weights(cli.model, trainer)
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):
             check_reachable(logger._tracking_uri)

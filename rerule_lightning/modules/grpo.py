@@ -64,6 +64,7 @@ import torch
 
 from rerule_lightning.evaluation.evaluator import UnlearningEvaluator
 from rerule_lightning.modules.eval_hooks import EvaluationHooks
+from rerule_lightning.modules.exporting import export_module
 from rerule_lightning.modules.replay_hooks import ReplayHooks
 from rerule_lightning.primitives import logprobs
 from rerule_lightning.primitives.checkpointing import (
@@ -71,6 +72,7 @@ from rerule_lightning.primitives.checkpointing import (
     check_state_dict_matches,
     frozen_state_keys,
 )
+from rerule_lightning.primitives.export import ExportConfig
 from rerule_lightning.primitives.generation import check_generation_kwargs, sample_completions
 from rerule_lightning.primitives.guards import NonFiniteCounter, guarded_optimizer_step
 from rerule_lightning.primitives.policy import (
@@ -100,7 +102,14 @@ from rerule_lightning.primitives.rollout import (
 )
 from rerule_lightning.rl.grpo import group_advantages, grpo_loss
 from rerule_lightning.rl.micro_batch import chunked_logprobs
-from rerule_lightning.rl.rewards import build_reward
+from rerule_lightning.rl.reward_contract import (
+    RewardContract,
+    RewardTrainerState,
+    batch_columns,
+    completion_id_lists,
+    per_function_metrics,
+    score_rewards,
+)
 from rerule_lightning.rl.step import ClipSettings, micro_batched_iteration
 from rerule_lightning.rl.step_log import reward_matrix, step_metrics
 
@@ -122,11 +131,12 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
             keep 1.0, RULE's setting, for exact ratios).
         generation_batch_size: Sequences per rollout ``generate`` call (whole prompts: ``// num_generations``
             prompts each, at least one); ``None`` samples the whole batch at once. Bounds the KV cache.
-        stop_token_ids: Further token ids that end a completion besides the tokenizer's EOS (e.g. Llama-3's
-            ``<|eot_id|>``).
+        stop_token_ids: Further token ids that end a completion besides the tokenizer's EOS and the model's own
+            ``generation_config.eos_token_id`` (an int or a list, e.g. Llama-3.1's ``<|eot_id|>``), which are
+            always used (:func:`rerule_lightning.primitives.generation.stop_ids`).
         generation_kwargs: Extra rollout ``GenerationConfig`` fields that leave the sampling distribution
             unchanged: ``cache_implementation``, ``cache_config``, ``use_cache``, ``stop_strings``; anything else
-            is refused. Rollouts never read the model's own ``generation_config``
+            is refused. Rollouts read only the stop ids from the model's own ``generation_config``
             (:func:`rerule_lightning.primitives.generation.sample_rollouts`).
         learning_rate: AdamW learning rate (constant).
         weight_decay: AdamW weight decay.
@@ -144,16 +154,19 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
         loss_type: Normaliser: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
         scale_rewards: Advantage scaling: ``group``, ``batch`` or ``none``.
         reward: A reward in :data:`rerule_lightning.rl.rewards.REWARD_FUNCTIONS`, an import path
-            ``package.module:function`` of a function ``(prompts, completions, **columns) -> list[float | None]``
-            (columns: ``labels``, ``references``, ``values``, ``targets``, ``target_aware``,
-            ``recall_threshold``), or a list of them, summed with ``reward_weights``. ``None`` means "not
-            applicable": left out of the group's mean and std, advantage 0.
+            ``package.module:function`` of a TRL reward function, called as TRL calls it:
+            ``fn(prompts=, completions=, completion_ids=, trainer_state=, **columns)`` with the batch's columns
+            under their own names (``id``, ``question``, ``label``, ``kind``, ``reference``, ``target``,
+            ``value``), returning one float or ``None`` per completion (:mod:`rerule_lightning.rl.reward_contract`);
+            or a list of them, summed with ``reward_weights`` (each logged as ``train/rewards/<name>/mean``).
+            ``None`` means "not applicable": left out of the group's mean and std, advantage 0.
         reward_weights: One weight per entry of ``reward`` (default: 1 each).
         target_aware: Forget reward variant: 0.5 for refusing + 0.5 for naming the target.
         recall_threshold: Boundary reward: ROUGE-L recall needed for the second 0.5.
         eval_max_new_tokens: Greedy tokens per answer in validation / test.
         seed: Seed of the per-step sampling.
-        export_dir: If set, the policy is saved there (``save_pretrained``) at the end of fit.
+        export_dir: If set, the policy is exported there at the end of fit (and at each checkpoint of
+            :class:`callbacks.ResumableCheckpoint`): :mod:`rerule_lightning.primitives.export`.
         eval_reference: Retain model directory for forget quality and privleak in validation / test (its
             statistics are computed once, lazily, and cached next to it).
         eval_report_path: Where ``test`` writes ``eval.json`` (rank zero); ``None`` writes nothing.
@@ -161,6 +174,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
             skipped, parameters and optimizer state untouched) after which the fit stops with
             :class:`~rerule_lightning.primitives.guards.NonFiniteError`, having saved the last good state to
             ``nonfinite_stop.ckpt`` (in the checkpoint directory, else ``trainer.default_root_dir``).
+        export: How ``export_dir`` is written: ``merge`` (Q)LoRA adapters into plain weights, ``push_to_hub``
+            a repository, the model card (:class:`~rerule_lightning.primitives.export.ExportConfig`).
     """
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
@@ -175,7 +190,7 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
                  reward_weights: list[float] | None = None, target_aware: bool = False, recall_threshold: Unit = 0.3,
                  eval_max_new_tokens: Count = 32, seed: int = 0, export_dir: str | None = None,
                  eval_reference: str | None = None, eval_report_path: str | None = None,
-                 max_consecutive_nonfinite: Count = 3) -> None:
+                 max_consecutive_nonfinite: Count = 3, export: ExportConfig | None = None) -> None:
         super().__init__()
         errors = range_errors(type(self), locals())
         if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
@@ -186,13 +201,15 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
         if errors:
             raise ValueError("GRPOUnlearningModule: " + "; ".join(errors))
         try:
-            self.reward_fn = build_reward(reward, reward_weights)  # fails early on an unknown name or path
+            self.reward_fn = RewardContract(reward, reward_weights, {"target_aware": target_aware,
+                                                                     "recall_threshold": recall_threshold})
         except ValueError as e:
             raise ValueError(f"GRPOUnlearningModule: reward={reward!r}: {e}") from None
-        self.save_hyperparameters(ignore=["policy"])
+        self.save_hyperparameters(ignore=["policy", "export"])
         self.automatic_optimization = False
         self.policy_cfg = policy or PolicyConfig()
-        plain_hparams(self, policy=self.policy_cfg)
+        self.export_cfg = export or ExportConfig()
+        plain_hparams(self, policy=self.policy_cfg, export=self.export_cfg)
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -253,9 +270,10 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
         sampled_at = int(self.global_step)  # the groups' step: global_step before this step's update(s)
         prompt_ids, completion_ids, mask, texts = self._sample(prompts)
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
-        raw = self.reward_fn(rep(prompts), texts, labels=rep(batch["label"]), references=rep(batch["reference"]),
-                             values=rep(batch["value"]), targets=rep(batch["target"]), target_aware=h.target_aware,
-                             recall_threshold=h.recall_threshold)
+        state = RewardTrainerState(sampled_at, int(self.trainer.max_steps), float(self.current_epoch))
+        raw, per_fn = score_rewards(self.reward_fn, {  # TRL's keyword call (rl/reward_contract.py)
+            "prompts": rep(prompts), "completions": texts, "completion_ids": completion_id_lists(completion_ids, mask),
+            "trainer_state": state, **batch_columns(batch, g)})
         rewards, applicable = reward_matrix(raw, b, g, self.device)  # [B, G] x2
         rewards_all, applicable_all = rewards, applicable
         if self.trainer.world_size > 1:
@@ -328,7 +346,10 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
         if supplied:
             stats["sequences_trained"] = torch.tensor(float((len(kept) + len(replay)) * g))
         self._log_step(loss, stats, rewards, mask, batch, applicable)
-        return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used}
+        if per_fn:
+            self.log_dict(per_function_metrics(per_fn), batch_size=b, on_step=True, on_epoch=False)
+        return {"loss": loss.detach(), "groups": groups, "replay_used": [] if skipped else used,
+                "rewards_per_function": per_fn}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
@@ -360,7 +381,4 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
             self.log("kl", stats["kl"], prog_bar=True, batch_size=b, logger=False)
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            from rerule_lightning.primitives.policy import save_policy
-
-            save_policy(self.model, self.tokenizer, self.hparams.export_dir)
+        export_module(self, final=True)

@@ -33,6 +33,7 @@ import torch
 from rerule_lightning.evaluation.evaluator import UnlearningEvaluator
 from rerule_lightning.modules.eval_hooks import EvaluationHooks
 from rerule_lightning.primitives.checkpointing import check_state_dict_matches
+from rerule_lightning.primitives.export import ExportConfig
 from rerule_lightning.primitives.guards import NonFiniteCounter, guarded_optimizer_step
 from rerule_lightning.primitives.policy import (
     PolicyConfig,
@@ -87,10 +88,12 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
         max_length: Longest tokenised prompt + answer accepted; longer items fail with the prompt named.
         eval_max_new_tokens: Greedy tokens per answer in validation / test.
         seed: Seed of RMU's random direction u.
-        export_dir: If set, the model is saved there (``save_pretrained``) at the end of fit.
+        export_dir: If set, the model is exported there at the end of fit (and at each checkpoint of
+            :class:`callbacks.ResumableCheckpoint`): :mod:`rerule_lightning.primitives.export`.
         eval_reference: Retain model directory for forget quality and privleak in validation / test.
         eval_report_path: Where ``test`` writes ``eval.json`` (rank zero); ``None`` writes nothing.
         max_consecutive_nonfinite: Skipped non-finite steps in a row after which the fit stops.
+        export: How ``export_dir`` is written (:class:`~rerule_lightning.primitives.export.ExportConfig`).
     """
 
     def __init__(self, policy: PolicyConfig | None = None, method: Method = "npo", regularizer: Regularizer = "none",
@@ -101,7 +104,7 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
                  rmu_steering_coeff: Positive = 20.0, max_length: Annotated[int, Range(2, integer=True)] = 512,
                  eval_max_new_tokens: Count = 32, seed: int = 0, export_dir: str | None = None,
                  eval_reference: str | None = None, eval_report_path: str | None = None,
-                 max_consecutive_nonfinite: Count = 3) -> None:
+                 max_consecutive_nonfinite: Count = 3, export: ExportConfig | None = None) -> None:
         super().__init__()
         errors = []
         if method not in METHODS:
@@ -111,10 +114,11 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
         errors += range_errors(type(self), locals())
         if errors:
             raise ValueError("LossUnlearningModule: " + "; ".join(errors))
-        self.save_hyperparameters(ignore=["policy"])
+        self.save_hyperparameters(ignore=["policy", "export"])
         self.automatic_optimization = False
         self.policy_cfg = policy or PolicyConfig()
-        plain_hparams(self, policy=self.policy_cfg)
+        self.export_cfg = export or ExportConfig()
+        plain_hparams(self, policy=self.policy_cfg, export=self.export_cfg)
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -295,7 +299,6 @@ class LossUnlearningModule(EvaluationHooks, L.LightningModule):
             self.tokens = {k: int(v) for k, v in checkpoint["tokens_trained"].items()}
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            from rerule_lightning.primitives.policy import save_policy
+        from rerule_lightning.modules.exporting import export_module
 
-            save_policy(self.model, self.tokenizer, self.hparams.export_dir)
+        export_module(self, final=True)

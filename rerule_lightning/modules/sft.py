@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from rerule_lightning.primitives.checkpointing import TrainableStateMixin
+from rerule_lightning.primitives.export import ExportConfig
 from rerule_lightning.primitives.policy import (
     PolicyConfig,
     build_policy,
     load_tokenizer,
     plain_hparams,
-    save_policy,
 )
 from rerule_lightning.primitives.prompting import IGNORE_INDEX, collate_right_padded, tokenize_pair  # noqa: F401
 from rerule_lightning.primitives.ranges import Count, NonNegative, Positive, Steps, range_errors
@@ -96,23 +96,26 @@ class SFTModule(TrainableStateMixin, L.LightningModule):
         export_merged: Under (Q)LoRA, export plain weights (the unquantised base with the adapters merged;
             adapters kept in ``export_dir/adapter``) so the RL stage's adapter-free KL reference is this
             rejection-steered model. ``False`` exports the adapters only (then the RL stage's reference under
-            (Q)LoRA would be the original base).
+            (Q)LoRA would be the original base). ``export.merge``, when set, takes precedence.
+        export: How ``export_dir`` is written: ``merge``, ``push_to_hub``, the model card
+            (:class:`~rerule_lightning.primitives.export.ExportConfig`).
     """
 
     def __init__(self, policy: PolicyConfig | None = None, init: TinyLlamaConfig | None = None,
                  learning_rate: Positive = 1e-4, weight_decay: NonNegative = 0.0, warmup_steps: Steps = 0,
                  scheduler: Literal["cosine", "constant"] = "cosine", export_dir: str | None = None,
-                 export_merged: bool = True) -> None:
+                 export_merged: bool = True, export: ExportConfig | None = None) -> None:
         super().__init__()
         errors = range_errors(type(self), locals())
         if scheduler not in ("cosine", "constant"):
             errors.append(f"scheduler={scheduler!r}: choose 'cosine' or 'constant'")
         if errors:
             raise ValueError("SFTModule: " + "; ".join(errors))
-        self.save_hyperparameters(ignore=["policy", "init"])
+        self.save_hyperparameters(ignore=["policy", "init", "export"])
         self.policy_cfg = policy or PolicyConfig()
         self.init = init
-        plain_hparams(self, policy=self.policy_cfg, init=self.init)
+        self.export_cfg = export or ExportConfig()
+        plain_hparams(self, policy=self.policy_cfg, init=self.init, export=self.export_cfg)
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
 
@@ -155,7 +158,6 @@ class SFTModule(TrainableStateMixin, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            cfg = self.policy_cfg
-            save_policy(self.model, self.tokenizer, self.hparams.export_dir, merge=self.hparams.export_merged,
-                        dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        from rerule_lightning.modules.exporting import export_module
+
+        export_module(self, final=True)

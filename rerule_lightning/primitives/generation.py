@@ -7,7 +7,8 @@ the logits; :func:`rerule_lightning.primitives.logprobs.token_logprobs`). ``mode
 ``temperature``, ``suppress_tokens``...), so :func:`sample_rollouts` builds a fresh ``GenerationConfig`` from the
 module's settings only and hides the model's own for the duration of the call. ``generation_kwargs`` may add
 only what leaves the distribution unchanged (:data:`ROLLOUT_GENERATION_KWARGS`); :func:`check_generation_kwargs`
-refuses the rest.
+refuses the rest. Only the model's stop ids are kept from its config (:func:`stop_ids`): the tokenizer's EOS ∪ the
+model's ``generation_config.eos_token_id`` ∪ ``stop_token_ids`` end a rollout and a greedy answer alike.
 """
 
 from __future__ import annotations
@@ -43,6 +44,27 @@ def rollout_generation_config(temperature: float, top_p: float, max_new_tokens: 
                             num_beams=1, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                             eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id,
                             **dict(generation_kwargs or {}))
+
+
+def model_eos_ids(model: Any) -> list[int]:
+    """The EOS ids of the model's own ``generation_config`` (an int or a list, e.g. Llama-3.1-Instruct's
+    ``[128001, 128008, 128009]``: ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``), a peft wrapper's base
+    model's included; ``[]`` when it names none."""
+    ids: list[int] = []
+    for owner in _generation_owners(model):
+        eos = getattr(owner.generation_config, "eos_token_id", None)
+        for i in ([eos] if isinstance(eos, int) else list(eos or [])):
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
+def stop_ids(tokenizer: Any, model: Any = None, stop_token_ids: list[int] | None = None) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS ∪ the model's ``generation_config.eos_token_id`` ∪
+    ``stop_token_ids``, in that order without repeats (the first is the padding id of finished rows)."""
+    first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = [*first, *(model_eos_ids(model) if model is not None else []), *(stop_token_ids or [])]
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def _generation_owners(model: Any) -> list[Any]:
@@ -100,10 +122,11 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     was_training = model.training
     model.eval()
     out: list[str] = []
+    eos = stop_ids(tokenizer, model)  # a chat model's end-of-turn ends an answer too
     for i in range(0, len(prompts), batch_size):
         enc = encode_prompts(tokenizer, prompts[i: i + batch_size], device)
         gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
         new = gen[:, enc["input_ids"].size(1):]  # [B, T]
         out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     if was_training:
@@ -165,7 +188,8 @@ def sample_completions(model: Any, tokenizer: Any, prompts: list[str], *, num_ge
         temperature: Sampling temperature.
         top_p: Nucleus threshold.
         max_new_tokens: Longest completion.
-        stop_token_ids: Stop ids besides the tokenizer's EOS.
+        stop_token_ids: Stop ids besides the tokenizer's EOS and the model's ``generation_config.eos_token_id``
+            (:func:`stop_ids`).
         generation_kwargs: Distribution-neutral extras (:data:`ROLLOUT_GENERATION_KWARGS`).
         generation_batch_size: Sequences per ``generate`` call (whole prompts, at least one); ``None``: all.
         device: Where the prompts go.
@@ -177,7 +201,7 @@ def sample_completions(model: Any, tokenizer: Any, prompts: list[str], *, num_ge
     """
     from rerule_lightning.primitives.rollout import completion_mask_from_ids
 
-    eos = list(dict.fromkeys([tokenizer.eos_token_id, *(stop_token_ids or [])]))
+    eos = stop_ids(tokenizer, model, stop_token_ids)  # read before generate hides the model's own config
     config = rollout_generation_config(temperature, top_p, max_new_tokens, num_generations, eos,
                                        pad_token_id=eos[0], generation_kwargs=generation_kwargs)
     per_call = len(prompts) if generation_batch_size is None else max(generation_batch_size // num_generations, 1)

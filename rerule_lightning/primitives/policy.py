@@ -84,6 +84,10 @@ def missing_path_hint(path: str) -> str:
         if len(tail) >= 2 and tail[0] == "baselines":
             return (f"It is the export of the baseline {tail[1]!r}: run "
                     f"`rerule fit --config configs/baselines/{tail[1]}.yaml` first.")
+        if len(tail) >= 3 and tail[0] == "tofu" and tail[2] in ("rs", "rule"):  # the model axis' run directories
+            folder = "models/" if tail[2] == "rule" else f"models/{tail[2]}/"
+            return (f"It is the export of the tofu stage {tail[2]!r} of model {tail[1]!r}: run `rerule fit --config "
+                    f"configs/tofu/{tail[2]}.yaml --config configs/{folder}{tail[1]}.yaml` first.")
         if len(tail) >= 2 and tail[0] in ("tofu", "muse_books", "muse_news", "rwku"):
             config = (f"configs/{tail[0]}/{tail[1]}.yaml" if tail[1] in ("rs", "rule")
                       else f"configs/baselines/{tail[0]}_{tail[1]}.yaml")  # e.g. tofu/npo: a baseline
@@ -131,12 +135,53 @@ def load_base_model(path: str, cfg: PolicyConfig, quantize: bool = False) -> tor
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
+#: Trainer precisions that cast every parameter, trainable ones included, to a 16-bit type (no float32 master).
+TRUE_HALF_PRECISIONS = ("bf16-true", "16-true")
+
+
+def master_weight_error(cfg: PolicyConfig, precision: str | None = None) -> str | None:
+    """Why training ``cfg`` would keep a trainable parameter in bf16 / fp16 with no float32 master copy (``None``
+    when every trainable parameter is float32).
+
+    AdamW's update of a weight is about ``lr``; a bf16 weight near 0.02 has a resolution (ulp) near 1e-4, so
+    updates at RULE's rates (4e-7 .. 2e-5) round away and most weights never move. Float32 master weights
+    cost 2 bytes per trainable parameter over bf16 ones (``benchmarks/memory_estimate.py``); (Q)LoRA adapters
+    are float32 whatever ``dtype`` (their base stays in ``dtype`` / 4-bit, frozen).
+
+    Args:
+        cfg: The policy.
+        precision: ``trainer.precision`` (``None``: unknown, only ``cfg`` is checked).
+    """
+    if precision is not None and str(precision) in TRUE_HALF_PRECISIONS:
+        return (f"--trainer.precision={precision} casts the trainable weights to 16 bits with no float32 master "
+                "copy, so small AdamW updates round away: use bf16-mixed (or 16-mixed) instead")
+    if cfg.peft == "full" and cfg.dtype != "float32":
+        return (f"policy.dtype={cfg.dtype} with policy.peft=full trains {cfg.dtype} weights with no float32 master "
+                f"copy (AdamW steps near lr 1e-5 round away on weights near 0.02): set "
+                "--model.init_args.policy.dtype float32 and --trainer.precision bf16-mixed (float32 master weights, "
+                "bf16 compute), or train adapters (policy.peft lora / qlora)")
+    return None
+
+
+def adapters_in_float32(model: torch.nn.Module) -> None:
+    """Cast every trainable parameter to float32 (the (Q)LoRA adapters; their frozen base keeps its dtype)."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def build_policy(cfg: PolicyConfig) -> torch.nn.Module:
-    """Build the trainable policy described by ``cfg``.
+    """Build the trainable policy described by ``cfg``; every trainable parameter is float32.
 
     Returns:
-        The model; under (Q)LoRA a ``PeftModel`` whose only trainable parameters are the adapters.
+        The model; under (Q)LoRA a ``PeftModel`` whose only trainable parameters are the adapters (float32).
+
+    Raises:
+        ValueError: Full fine-tuning in bf16 / fp16 (:func:`master_weight_error`), before any weight is loaded.
     """
+    problem = master_weight_error(cfg)
+    if problem:
+        raise ValueError(problem)
     model = load_base_model(cfg.name_or_path, cfg, quantize=cfg.peft == "qlora")
     if cfg.peft == "full":
         model.requires_grad_(True)
@@ -153,6 +198,7 @@ def build_policy(cfg: PolicyConfig) -> torch.nn.Module:
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+        adapters_in_float32(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model.train()
