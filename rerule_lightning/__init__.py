@@ -48,7 +48,8 @@ _EXPORTS: dict[str, str] = {
     "refusal_reward": "rl.rewards", "get_reward_fn": "rl.rewards", "REWARD_FUNCTIONS": "rl.rewards",
     # evaluation
     "UnlearningEvaluator": "evaluation.evaluator", "EvalSuite": "evaluation.suite", "SplitSpec": "evaluation.suite",
-    "metrics": "evaluation.metrics",
+    "metrics": "evaluation.metrics", "OutputClassRate": "evaluation.metrics.outputs",
+    "output_class": "evaluation.metrics.outputs",
     # Lightning modules
     "GRPOUnlearningModule": "modules.grpo", "SFTModule": "modules.sft", "TinyLlamaConfig": "modules.sft",
     "EvalModule": "modules.eval", "ReferenceItems": "modules.eval_hooks", "compute_reference": "modules.eval_hooks",
