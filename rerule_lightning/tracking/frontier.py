@@ -111,9 +111,13 @@ def choose(points: Sequence[Point], constraint: Constraint, y: str = SAME_FAMILY
 
 
 def best_at(points: Sequence[Point], r: float, x: str = REFUSAL, y: str = SAME_FAMILY,
-            retain_floor: float | None = RETAIN_FLOOR) -> float:
-    """The frontier's staircase at ``r``: the best ``y`` among points with ``x >= r`` (0 when there is none)."""
-    ys = [_sel(p, y) for p in points if _sel(p, x) >= r and math.isfinite(_sel(p, y))
+            retain_floor: float | None = RETAIN_FLOOR, x_higher_is_better: bool = True) -> float:
+    """The frontier's staircase at ``r``: the best ``y`` among points with ``x >= r`` (``x <= r`` when lower ``x`` is
+    better, e.g. forget accuracy), 0 when there is none."""
+    def meets(v: float) -> bool:
+        return v >= r if x_higher_is_better else v <= r
+
+    ys = [_sel(p, y) for p in points if meets(_sel(p, x)) and math.isfinite(_sel(p, y))
           and (retain_floor is None or _sel(p, RETAIN) >= retain_floor)]
     return max(ys, default=0.0)
 
