@@ -78,7 +78,7 @@ def killed_then_resumed(tiny_prepared: dict, one_torch_thread: None, tmp_path_fa
     mp.setattr(RP, "_lightning", counted)  # RS and every `rerule test` of the benchmark
     assert FB.main(argv) == 0
     mp.undo()
-    return {"out": tmp / "out", "first": first, "calls": calls, "resumed": resumed,
+    return {"out": tmp / "out", "uri": argv[argv.index("--tracking_uri") + 1], "first": first, "calls": calls, "resumed": resumed,
             "results": json.loads((tmp / "out" / "results.json").read_text())["runs"]}
 
 
@@ -119,6 +119,14 @@ def test_points_chosen_points_report_half_and_outputs(killed_then_resumed: dict)
     for rep in reports:
         assert rep["verified"], f"re-run of {rep['key']} to {rep['at']} differs: {rep['rerun_select']}"
         assert "holdout/answer_accuracy" in rep["report"] and "forget/degenerate_rate" in rep["report"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=killed_then_resumed["uri"])
+    exp = client.get_experiment_by_name("rerule-frontier")
+    tagged = client.search_runs([exp.experiment_id], "tags.`rerule.stage` = 'report'")
+    assert sorted((r.data.tags["rerule.method"], r.data.tags["rerule.knob"], r.data.tags["rerule.value"],
+                   r.data.tags["rerule.step"]) for r in tagged) == sorted(
+        (rep["method"], "learning_rate", rep["key"].split("=")[1].split("|")[0], str(rep["at"])) for rep in reports)
     table = (out / "table.md").read_text()
     assert "| RULE | any point | 1/1 |" in table and "(reference)" in table and "Δ area vs RULE" in table
     assert "| GradDiff | any point | 1/1 |" in table
