@@ -55,7 +55,8 @@ _EXPORTS: dict[str, str] = {
     "EvalModule": "modules.eval", "ReferenceItems": "modules.eval_hooks", "compute_reference": "modules.eval_hooks",
     "LossUnlearningModule": "modules.loss",
     # infrastructure and commands
-    "ResilientMLFlowLogger": "tracking.logger", "prepare_embedded": "cli.prepare:prepare",
+    "ResilientMLFlowLogger": "tracking.logger", "Constraint": "tracking.frontier", "frontier_area": "tracking.frontier",
+    "prepare_embedded": "cli.prepare:prepare",
     "report_runs": "cli.report:report", "demo_main": "cli.pipeline",
 }
 
