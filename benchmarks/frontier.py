@@ -124,7 +124,7 @@ def load_sweep(path: str, quick: bool = False, methods: list[str] | None = None)
     if methods:
         runs = [r for r in runs if r.method in methods]
     return {"seeds": list(sweep["seeds"]), "preset": sweep.get("preset", "hard"), "val_items": int(sweep["val_items"]),
-            "val_every": int(rl.get("val_every", 5)), "runs": runs}
+            "val_every": int(rl.get("val_every", 5)), "val_every_epochs": int(base.get("val_every", 1)), "runs": runs}
 
 
 class FrontierBench(Bench):
@@ -158,7 +158,7 @@ class FrontierBench(Bench):
                     "--trainer.default_root_dir", out + "_logs"]
         bench = "--data.init_args.benchmark.init_args."
         return ["fit", "--config", spec.config, *spec.extra, "--config", overlay, *self.tracking,
-                "--trainer.limit_val_batches", "1.0", "--trainer.check_val_every_n_epoch", "1",
+                "--trainer.limit_val_batches", "1.0", "--trainer.check_val_every_n_epoch", str(sw["val_every_epochs"]),
                 "--trainer.num_sanity_val_steps", "0", bench + "eval_splits", split_list,
                 bench + "eval_max_items", str(sw["val_items"]), bench + "eval_half", "select",
                 bench + "seed", str(seed), bench + "world_dir", os.path.join(self.links, "world"),

@@ -154,6 +154,7 @@ def test_sweep_file_declares_every_method_and_quick_shrinks_it() -> None:
                                          for r in npo)
     assert {r.knobs["beta"] for r in full["runs"] if r.method == "SimNPO"} == {2.5, 4.5}
     assert full["seeds"] == [0, 1, 2, 3, 4] and full["val_items"] == 48
+    assert (full["val_every"], full["val_every_epochs"]) == (5, 1)
     quick = FB.load_sweep(FB.DEFAULT_SWEEP, quick=True)
     assert quick["seeds"] == [0, 1]
     assert [(r.method, r.knobs, r.budget) for r in quick["runs"]] == [

@@ -169,3 +169,18 @@ def test_datamodule_evaluates_one_half(tiny_prepared: dict) -> None:
     assert {i["target"] for i in ref.items["forget"]} == {i["target"] for i in dms["select"].eval_items["forget"]}
     with pytest.raises(ValueError, match=r"data.eval_half='half': choose 'all', 'select' or 'report'"):
         ForgetRetainDataModule(world_dir=world, eval_half="half")
+
+
+def test_the_world_vocabulary_reaches_the_evaluator_of_every_datamodule(tiny_prepared: dict) -> None:
+    from datamodules.embedded import load_world, world_vocabulary
+    from datamodules.forget_retain import ForgetRetainDataModule
+    from datamodules.paired import PairedUnlearningDataModule
+
+    world = tiny_prepared["links"]["world"]
+    vocab = world_vocabulary(load_world(world))
+    inner = ForgetRetainDataModule(world_dir=world)
+    assert inner.eval_vocabulary() == vocab and PairedUnlearningDataModule(inner).eval_vocabulary() == vocab
+    w = load_world(world)
+    row = w["forget"][0]
+    assert set(words(row["answer"])) <= vocab and set(words(row["author"])) <= vocab
+    assert {"sorry", "can't", "share"} <= vocab and "ryzibar" not in vocab
