@@ -118,6 +118,7 @@ def test_points_chosen_points_report_half_and_outputs(killed_then_resumed: dict)
     assert {r["method"] for r in reports} == {"RULE", "ReRULE (fill, group adv.)", "GradDiff"}  # one per method
     for rep in reports:
         assert rep["verified"], f"re-run of {rep['key']} to {rep['at']} differs: {rep['rerun_select']}"
+        assert rep["rerun_validations"] == "chosen point only"  # validations do not move the training
         assert "holdout/answer_accuracy" in rep["report"] and "forget/degenerate_rate" in rep["report"]
     from mlflow.tracking import MlflowClient
 
