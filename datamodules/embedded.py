@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from datamodules.world import REFUSAL_TEMPLATES, WorldConfig, generate_world
@@ -13,6 +16,9 @@ from rerule_lightning.primitives.prompting import format_answer, format_prompt
 EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 SftMode = Literal["target", "retain", "rejection_steering"]
+#: The selection / report halves of every evaluation split, written beside the world by :func:`save_world`.
+HALVES_FILE = "halves.json"
+HALVES = ("select", "report")
 
 
 def save_world(cfg: WorldConfig, path: str) -> None:
@@ -24,6 +30,79 @@ def save_world(cfg: WorldConfig, path: str) -> None:
     dd.save_to_disk(path)
     with open(os.path.join(path, "world_config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    with open(os.path.join(path, HALVES_FILE), "w") as f:
+        json.dump(derive_halves(splits), f, indent=1, sort_keys=True)
+
+
+def half_key(row: Mapping[str, Any]) -> str:
+    """What a row is split by: its author (every fact of an author lands in one half), or its id when it has
+    no author (world facts)."""
+    return str(row.get("author") or row["id"])
+
+
+def world_content_hash(splits: Mapping[str, Any]) -> str:
+    """sha256 of the evaluation splits' rows (id, author, questions, answer, value), in id order: the same for
+    the same world content however it was saved."""
+    rows = sorted(([s, r["id"], r.get("author") or "", list(r["questions"]), r["answer"], r["value"]]
+                   for s in EVAL_SPLITS if s in splits for r in splits[s]), key=lambda x: (x[0], x[1]))
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
+
+def derive_halves(splits: Mapping[str, Any]) -> dict[str, Any]:
+    """The selection / report halves of every evaluation split, by author (:func:`half_key`).
+
+    Within each split the keys are ordered by ``sha256(key | world content hash | "select")`` and the first
+    ``ceil(n / 2)`` form the selection half, the rest the report half: disjoint, balanced, a pure function of the
+    world's content (so an already-prepared world gets the halves a fresh one stores).
+
+    Returns:
+        ``{"content_hash": ..., "splits": {split: {"select": [keys], "report": [keys]}}}``, keys sorted.
+    """
+    content = world_content_hash(splits)
+    out: dict[str, Any] = {}
+    for s in EVAL_SPLITS:
+        if s not in splits:
+            continue
+        keys = sorted({half_key(r) for r in splits[s]},
+                      key=lambda k: hashlib.sha256(f"{k}|{content}|select".encode()).hexdigest())
+        cut = math.ceil(len(keys) / 2)
+        out[s] = {"select": sorted(keys[:cut]), "report": sorted(keys[cut:])}
+    return {"content_hash": content, "splits": out}
+
+
+def world_halves(path: str, world: Any) -> dict[str, dict[str, list[str]]]:
+    """The halves of the world saved at ``path`` (loaded as ``world``): ``halves.json`` when the world has one
+    (checked against the content), else derived the same way (worlds saved before halves were stored).
+
+    Raises:
+        ValueError: ``halves.json`` disagrees with the world's content (naming the file).
+    """
+    derived = derive_halves({s: list(world[s]) for s in EVAL_SPLITS if s in world})
+    file = os.path.join(path, HALVES_FILE)
+    if os.path.isfile(file):
+        with open(file) as f:
+            stored = json.load(f)
+        if stored != derived:
+            raise ValueError(f"{file}: the stored selection / report halves do not match the world's content "
+                             "(a world edited after `rerule prepare`?): prepare it again")
+    return derived["splits"]
+
+
+def world_vocabulary(world: Any) -> frozenset[str]:
+    """Every word the world's models were trained on or refuse with (questions, answers, paraphrased and
+    perturbed answers, refusal templates): the vocabulary of the degenerate-output rule
+    (:func:`rerule_lightning.evaluation.metrics.outputs.degenerate_reason`)."""
+    from rerule_lightning.evaluation.metrics.outputs import vocabulary_of
+
+    texts: list[str] = []
+    for name in world:
+        for r in world[name]:
+            if "questions" in r:
+                texts += [*r["questions"], r["answer"], r["paraphrased_answer"] or "", *(r["perturbed_answer"] or [])]
+            if "template" in r:
+                texts.append(r["template"])
+    authors = {r["author"] for s in EVAL_SPLITS if s in world for r in world[s] if r.get("author")}
+    return vocabulary_of(texts) | vocabulary_of(authors)
 
 
 def load_world(path: str) -> Any:

@@ -8,7 +8,9 @@ replacement in a fresh seeded permutation per pass. The batch of step ``t`` is a
 ahead, so a resumed fit sees exactly the batches the uninterrupted fit would have seen.
 
 Evaluation dataloaders (validation and test) serve one split each, in :data:`EVAL_SPLITS` order, every
-question paraphrase of every fact; items are dicts of lists (``prompt``, ``question``, ``answer``,
+question paraphrase of every fact (of one half of the authors with ``eval_half``: the selection half, on which
+a benchmark chooses its points, or the report half, on which it reports them; :func:`datamodules.embedded.derive_halves`);
+items are dicts of lists (``prompt``, ``question``, ``answer``,
 ``value``, ``paraphrased_answer``, ``perturbed_answer``, ``id``, ``target``).
 """
 
@@ -22,7 +24,7 @@ import lightning as L
 from lightning.pytorch.utilities.parsing import save_hyperparameters
 from torch.utils.data import DataLoader
 
-from datamodules.embedded import load_world
+from datamodules.embedded import HALVES, half_key, load_world, world_halves, world_vocabulary
 from rerule_lightning.evaluation.evaluator import FORGET, HOLDOUT
 from rerule_lightning.evaluation.suite import EvalSuite, embedded_suite
 from rerule_lightning.modules.eval_hooks import ReferenceItems, dir_signature
@@ -173,13 +175,19 @@ class ForgetRetainDataModule(PromptPoolLoaders, L.LightningDataModule):
             evaluates all of them.
         eval_batch_size: Items per evaluation batch.
         seed: Seed of the prompt order and of the evaluation subsample.
+        eval_half: Evaluate every item (``all``), or only the items of the selection half (``select``) or the
+            report half (``report``) of each split's authors, fixed per world (``halves.json`` of the world);
+            applied before ``eval_max_items``.
     """
 
     def __init__(self, world_dir: str = ".cache/rerule/embedded/world", preset: Literal["easy", "hard"] | None = None,
                  batch_size: Count = 16, forget_fraction: UnitOpen = 0.5, epoch_length: Count = 1000,
                  eval_splits: list[str] | None = None, eval_max_items: CountOrNull = None,
-                 eval_batch_size: Count = 64, seed: int = 0) -> None:
+                 eval_batch_size: Count = 64, seed: int = 0,
+                 eval_half: Literal["all", "select", "report"] = "all") -> None:
         super().__init__()
+        if eval_half not in ("all", *HALVES):
+            raise ValueError(f"data.eval_half={eval_half!r}: choose 'all', 'select' or 'report'")
         if errors := range_errors(type(self), locals(), "data."):
             raise ValueError("; ".join(errors))
         if preset not in (None, "easy", "hard"):
@@ -206,13 +214,22 @@ class ForgetRetainDataModule(PromptPoolLoaders, L.LightningDataModule):
         h = self.hparams
         splits = list(eval_splits) if eval_splits is not None else list(self.eval_splits)
         splits += [s for s in (FORGET, HOLDOUT) if s not in splits]
+        half = h.get("eval_half", "all")
         dm = ForgetRetainDataModule(world_dir=h.world_dir, eval_splits=splits, eval_max_items=h.eval_max_items,
-                                    eval_batch_size=h.eval_batch_size, seed=h.seed)
+                                    eval_batch_size=h.eval_batch_size, seed=h.seed, eval_half=half)
         dm.setup("test")
         signature = {"world_dir": dir_signature(h.world_dir), "eval_splits": splits,
                      "eval_max_items": h.eval_max_items, "seed": h.seed}
+        if half != "all":  # the signature of every earlier (whole-split) reference is unchanged
+            signature["eval_half"] = half
         return ReferenceItems(embedded_suite([FORGET, HOLDOUT]), {s: dm.eval_items[s] for s in (FORGET, HOLDOUT)},
                               signature, rendered=False, data_id={"world_dir": os.path.realpath(h.world_dir)})
+
+    def eval_vocabulary(self) -> frozenset[str]:
+        """The world's words (:func:`datamodules.embedded.world_vocabulary`), for the degenerate-output rule."""
+        if self.world is None:
+            self.setup()
+        return world_vocabulary(self.world)
 
     def setup(self, stage: str | None = None) -> None:
         if self.world is not None:
@@ -225,12 +242,19 @@ class ForgetRetainDataModule(PromptPoolLoaders, L.LightningDataModule):
         self.pool = [{**r, "prompt": format_prompt(r["prompt_text"]), "question": r["prompt_text"]}
                      for r in self.world[name]]
         rng = random.Random(h.seed)
+        half = h.get("eval_half", "all")
+        keep = world_halves(h.world_dir, self.world) if half != "all" else None
         for s in self.eval_splits:
+            allowed = set(keep[s][half]) if keep is not None else None
             items = [{"id": f"{r['id']}#{qi}", "prompt": format_prompt(q), "question": q, "answer": r["answer"],
                       "value": r["value"], "paraphrased_answer": r["paraphrased_answer"],
                       "perturbed_answer": r["perturbed_answer"], "target": r["author"],
                       "collision": r.get("collision", "none"), "split": s}
-                     for r in self.world[s] for qi, q in enumerate(r["questions"])]
+                     for r in self.world[s] for qi, q in enumerate(r["questions"])
+                     if allowed is None or half_key(r) in allowed]
+            if not items and half != "all":
+                raise ValueError(f"data.eval_half={half!r}: split {s!r} of the world at {h.world_dir} has no item "
+                                 "in that half (a split of one author has no report half)")
             if h.eval_max_items is not None and len(items) > h.eval_max_items:
                 items = sorted(rng.sample(items, h.eval_max_items), key=lambda x: x["id"])
             self.eval_items[s] = items

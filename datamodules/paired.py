@@ -124,6 +124,11 @@ class PairedUnlearningDataModule(L.LightningDataModule):
     def reference_items(self, eval_splits: list[str] | None = None) -> Any:
         return self.benchmark.reference_items(eval_splits)
 
+    def eval_vocabulary(self) -> frozenset[str] | None:
+        """The wrapped datamodule's vocabulary of the degenerate-output rule (``None`` when it has none)."""
+        fn = getattr(self.benchmark, "eval_vocabulary", None)
+        return fn() if callable(fn) else None
+
     def val_dataloader(self) -> Any:
         return self.benchmark.val_dataloader()
 

@@ -51,13 +51,15 @@ _EXPORTS: dict[str, str] = {
     "RewardContract": "rl.reward_contract",
     # evaluation
     "UnlearningEvaluator": "evaluation.evaluator", "EvalSuite": "evaluation.suite", "SplitSpec": "evaluation.suite",
-    "metrics": "evaluation.metrics",
+    "metrics": "evaluation.metrics", "OutputClassRate": "evaluation.metrics.outputs",
+    "output_class": "evaluation.metrics.outputs",
     # Lightning modules
     "GRPOUnlearningModule": "modules.grpo", "SFTModule": "modules.sft", "TinyLlamaConfig": "modules.sft",
     "EvalModule": "modules.eval", "ReferenceItems": "modules.eval_hooks", "compute_reference": "modules.eval_hooks",
     "LossUnlearningModule": "modules.loss",
     # infrastructure and commands
     "ResilientMLFlowLogger": "tracking.logger", "CompletionsTable": "tracking.completions",
+    "Constraint": "tracking.frontier", "frontier_area": "tracking.frontier",
     "prepare_embedded": "cli.prepare:prepare",
     "report_runs": "cli.report:report", "demo_main": "cli.pipeline",
 }

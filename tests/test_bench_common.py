@@ -77,12 +77,12 @@ def test_suite_keys_subset_and_validation() -> None:
     suite = EvalSuite("toy", [SplitSpec("f", truth_ratio=True), SplitSpec("h", generate=False)],
                       forget_quality_split="f", mia=("f", "h"), utility_splits=["f"], headline={"fq": "f/forget_quality"})
     assert suite.expected_keys() == [
-        "f/refusal_rate", "f/answer_accuracy", "f/rouge_l_recall", "f/rouge_l_f1", "f/fluency", "f/probability",
-        "f/truth_ratio", "f/extraction_strength", "f/min_k", "h/probability", "h/extraction_strength", "h/min_k",
+        "f/refusal_rate", "f/answer_accuracy", "f/wrong_answer_rate", "f/degenerate_rate", "f/rouge_l_recall",
+        "f/rouge_l_f1", "f/fluency", "f/probability", "f/truth_ratio", "f/extraction_strength", "f/min_k", "h/probability", "h/extraction_strength", "h/min_k",
         "f/forget_quality", "f/mia_auc", "f/privleak", "utility/model_utility", "toy/fq"]
     sub = suite.subset(["h"])
     assert (sub.forget_quality_split, sub.mia, sub.utility_splits, sub.headline) == (None, None, [], {})
-    assert len(embedded_suite(["forget", "retain", "world_facts", "holdout"]).expected_keys()) == 4 * 9 + 4
+    assert len(embedded_suite(["forget", "retain", "world_facts", "holdout"]).expected_keys()) == 4 * 11 + 4
     with pytest.raises(ValueError, match="forget_quality_split 'h' needs truth_ratio=True"):
         EvalSuite("x", [SplitSpec("h")], forget_quality_split="h")
     with pytest.raises(ValueError, match=r"unknown split\(s\) \['z'\]"):

@@ -30,12 +30,14 @@ from rerule_lightning.evaluation.metrics import (
     ExtractionStrength,
     Fluency,
     MinKPercent,
+    OutputClassRate,
     RefusalRate,
     RougeLF1,
     RougeLRecall,
     TruthRatio,
 )
 from rerule_lightning.evaluation.metrics import functional as MF
+from rerule_lightning.evaluation.metrics.outputs import output_classes
 from rerule_lightning.evaluation.suite import EvalSuite, SplitSpec, embedded_suite
 from rerule_lightning.primitives.generation import cut_at_stop, greedy_generate
 from rerule_lightning.primitives.jsonio import write_json_atomic
@@ -75,7 +77,7 @@ def group_summary(records: Sequence[Mapping[str, Any]],
 UTILITY_SPLITS = ("retain", "world_facts")
 #: Embedded world: splits whose "probability" is normalised over the true and perturbed options.
 OPTION_PROBABILITY_SPLITS = ("world_facts",)
-METRIC_NAMES = ("refusal_rate", "answer_accuracy", "rouge_l_recall", "rouge_l_f1", "fluency", "probability",
+METRIC_NAMES = ("refusal_rate", "answer_accuracy", "wrong_answer_rate", "degenerate_rate", "rouge_l_recall", "rouge_l_f1", "fluency", "probability",
                 "truth_ratio", "extraction_strength", "min_k")
 
 
@@ -191,13 +193,17 @@ class UnlearningEvaluator(torch.nn.Module):
         render_prompts: Re-render prompts from ``question`` with the chat template (the embedded datamodule
             serves raw prompts); ``None`` means ``use_chat_template``. Benchmark datamodules render prompts
             themselves, so their evaluators pass ``False`` and use ``batch["prompt"]``.
+        vocabulary: Words a fluent answer is made of (the embedded world's, ``datamodule.eval_vocabulary()``), for
+            the degenerate-output rule (:mod:`rerule_lightning.evaluation.metrics.outputs`); ``None`` uses the
+            vocabulary-free rule (real benchmarks).
     """
 
     def __init__(self, splits: Sequence[str] | EvalSuite, retain_reference: Mapping[str, Any] | None = None,
                  max_new_tokens: int = 32, refusal_fn: Callable[[str], bool] | None = None, k: float = 0.4,
                  batch_size: int = 64, include_eos: bool = False, use_chat_template: bool = False,
-                 render_prompts: bool | None = None) -> None:
+                 render_prompts: bool | None = None, vocabulary: frozenset[str] | None = None) -> None:
         super().__init__()
+        self.vocabulary = frozenset(vocabulary) if vocabulary is not None else None
         if not isinstance(splits, EvalSuite):
             names = list(splits)
             if not names or len(set(names)) != len(names):
@@ -218,7 +224,10 @@ class UnlearningEvaluator(torch.nn.Module):
 
     def _split_metrics(self, spec: SplitSpec, refusal_fn: Callable[[str], bool] | None) -> torch.nn.ModuleDict:
         forget_agg = spec.name in (FORGET, self.suite.forget_quality_split)
+        voc = self.vocabulary
         make = {"refusal_rate": lambda: RefusalRate(refusal_fn), "answer_accuracy": lambda: AnswerAccuracy(refusal_fn),
+                "wrong_answer_rate": lambda: OutputClassRate("wrong", voc, refusal_fn),
+                "degenerate_rate": lambda: OutputClassRate("degenerate", voc, refusal_fn),
                 "rouge_l_recall": lambda: RougeLRecall(spec.rouge), "rouge_l_f1": lambda: RougeLF1(spec.rouge),
                 "fluency": Fluency,
                 "probability": AnswerProbability, "truth_ratio": lambda: TruthRatio("forget" if forget_agg else "retain"),
@@ -285,9 +294,12 @@ class UnlearningEvaluator(torch.nn.Module):
             rec_cols = {"refusal": MF.refusal_flags(preds, fn), "correct": MF.answer_correct_flags(preds, values, fn),
                         "rouge_l_recall": MF.rouge_l_recall_scores(preds, refs, spec.rouge),
                         "rouge_l_f1": MF.rouge_l_f1_scores(preds, refs, spec.rouge),
-                        "fluency": [MF.ngram_entropy(p) for p in preds]}
+                        "fluency": [MF.ngram_entropy(p) for p in preds],
+                        "output_class": output_classes(preds, values, self.vocabulary, fn)}
             m["refusal_rate"].update(preds)
             m["answer_accuracy"].update(preds, values)
+            m["wrong_answer_rate"].update(preds, values)
+            m["degenerate_rate"].update(preds, values)
             m["rouge_l_recall"].update(preds, refs)
             m["rouge_l_f1"].update(preds, refs)
             m["fluency"].update(preds)

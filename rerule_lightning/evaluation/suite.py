@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from rerule_lightning.primitives.rouge import ROUGE_IMPLS
 
 #: Metrics of a split, by the SplitSpec flag that enables them.
-GENERATION_METRICS = ("refusal_rate", "answer_accuracy", "rouge_l_recall", "rouge_l_f1", "fluency")
+GENERATION_METRICS = ("refusal_rate", "answer_accuracy", "wrong_answer_rate", "degenerate_rate", "rouge_l_recall",
+                      "rouge_l_f1", "fluency")
 TEACHER_FORCED_METRICS = ("probability", "extraction_strength", "min_k")
 CROSS_SPLIT_METRICS = ("forget_quality", "mia_auc", "privleak", "model_utility")
 
@@ -29,7 +30,8 @@ class SplitSpec:
 
     Attributes:
         name: Split name (the eval dataloader's split and the metric key's scope).
-        generate: Greedy generation -> refusal_rate, answer_accuracy, rouge_l_recall, rouge_l_f1, fluency.
+        generate: Greedy generation -> refusal_rate, answer_accuracy, wrong_answer_rate, degenerate_rate
+            (:mod:`rerule_lightning.evaluation.metrics.outputs`: the four sum to 1), rouge_l_recall, rouge_l_f1, fluency.
         max_new_tokens: Greedy tokens for this split; ``None`` uses the module's ``eval_max_new_tokens``.
         stop: Generations are cut at the first occurrence of any of these strings (MUSE KnowMem).
         teacher_forced: Teacher-forced answer pass -> probability, extraction_strength, min_k.

@@ -5,7 +5,8 @@ and :class:`rerule_lightning.modules.eval.EvalModule` share one implementation. 
 have ``hparams.eval_reference``, ``hparams.eval_report_path``, ``hparams.eval_max_new_tokens``,
 ``policy_cfg``, ``model``, ``tokenizer`` and an ``evaluator`` attribute (``None`` until ``setup``), and the
 datamodule to have ``eval_splits`` and ``eval_suite`` (:class:`rerule_lightning.evaluation.suite.EvalSuite`) and, when
-a retain reference is asked for, ``reference_items(splits)`` returning :class:`ReferenceItems`. This module never
+a retain reference is asked for, ``reference_items(splits)`` returning :class:`ReferenceItems`; optionally
+``eval_vocabulary()``, the words of the degenerate-output rule (the embedded world). This module never
 imports a datamodule: each datamodule says which items its reference is computed on.
 """
 
@@ -181,10 +182,12 @@ def setup_evaluator(module: Any) -> None:
     if splits is None:
         return
     renders = "prompt_format" in dm.hparams  # benchmark datamodules render prompts themselves
+    # the degenerate-output rule's vocabulary (the embedded world's words); a datamodule without one: None
+    vocabulary = dm.eval_vocabulary() if callable(getattr(dm, "eval_vocabulary", None)) else None
     module.evaluator = UnlearningEvaluator(
         getattr(dm, "eval_suite", None) or splits, max_new_tokens=module.hparams.eval_max_new_tokens,
         batch_size=int(dm.hparams.get("eval_batch_size", 64)), use_chat_template=module.policy_cfg.use_chat_template,
-        render_prompts=False if renders else None)
+        render_prompts=False if renders else None, vocabulary=vocabulary)
 
 
 def prepare_reference(module: Any) -> None:

@@ -38,6 +38,15 @@ from rerule_lightning.evaluation.metrics.likelihood import (
     PrivLeak,
     TruthRatio,
 )
+from rerule_lightning.evaluation.metrics.outputs import (
+    OUTPUT_CLASSES,
+    OutputClassRate,
+    degenerate_reason,
+    output_class,
+    output_class_rates,
+    output_classes,
+    vocabulary_of,
+)
 from rerule_lightning.evaluation.metrics.text import (
     AnswerAccuracy,
     Fluency,
@@ -47,6 +56,8 @@ from rerule_lightning.evaluation.metrics.text import (
 )
 
 __all__ = [
+    "OUTPUT_CLASSES", "OutputClassRate", "degenerate_reason", "output_class", "output_class_rates",
+    "output_classes", "vocabulary_of",
     "TOFU_MODEL_UTILITY_KEYS", "AnswerAccuracy", "AnswerProbability", "ExtractionStrength", "Float64Metric",
     "Fluency", "ForgetQuality", "MeanOfItems", "MembershipAUC", "MinKPercent", "PrivLeak", "RefusalRate",
     "RougeLF1", "RougeLRecall", "TruthRatio", "answer_accuracy", "answer_correct", "answer_probability",

@@ -1,0 +1,169 @@
+"""benchmarks/frontier.py end to end on the tiny world, through the code path of the real run (``main``): a sweep
+file, RS, RULE / ReRULE / a baseline trajectory, points on the selection half, the chosen points re-run (checked
+equal) and evaluated on the report half, tables and plots; a run killed midway resumes without redoing work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import frontier as FB  # noqa: E402
+from benchmarks import frontier_analysis as FA  # noqa: E402
+from benchmarks import replay as RP  # noqa: E402
+from rerule_lightning.tracking.frontier import REFUSAL, Constraint  # noqa: E402
+
+SWEEP = """
+seeds: [0]
+preset: hard
+val_items: 4
+rl:
+  config: configs/embedded/rule.yaml
+  learning_rate: 1.0e-4
+  lr_multipliers: [1, 4]
+  steps: 4
+  long_steps: null
+  val_every: 2
+  extra: [--data.init_args.batch_size, "4", --model.init_args.num_generations, "2", --model.init_args.max_new_tokens, "8"]
+  methods:
+    RULE: []
+    ReRULE (fill, group adv.): [--config, configs/replay/hard_case_fill.yaml]
+baselines:
+  max_epochs: 2
+  methods:
+    GradDiff:
+      config: configs/baselines/graddiff.yaml
+      grid: {learning_rate: [3.0e-4]}
+"""
+#: The tiny world's models reach none of the real constraints in 4 steps; a constraint every point meets (the
+#: best same-family point of each method is chosen) exercises the same selection, re-run and report path.
+ANY = Constraint("any point", REFUSAL, ">=", 0.0, retain_floor=0.0)
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(tiny_prepared: dict, one_torch_thread: None, tmp_path_factory: pytest.TempPathFactory
+                        ) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("frontier")
+    sweep = tmp / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    cache = str(Path(tiny_prepared["links"]["world"]).parent.parent)
+    argv = ["--sweep", str(sweep), "--output_dir", str(tmp / "out"), "--cache_dir", cache, "--no_prepare",
+            "--threads", "1", "--tracking_uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(FA, "CONSTRAINTS", (ANY,))
+    real = FB._lightning
+    calls: list[list[str]] = []
+
+    def killed_on_second_sweep_fit(a: list[str]) -> Any:  # RULE lr 1e-4 finishes, the "kill" inside RULE lr 4e-4
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(a)
+
+    mp.setattr(FB, "_lightning", killed_on_second_sweep_fit)
+    with pytest.raises(KeyboardInterrupt):
+        FB.main(argv)
+    first = json.loads((tmp / "out" / "results.json").read_text())["runs"]
+    resumed: list[list[str]] = []
+
+    def counted(a: list[str]) -> Any:
+        resumed.append(a)
+        return real(a)
+
+    mp.setattr(FB, "_lightning", counted)
+    mp.setattr(RP, "_lightning", counted)  # RS and every `rerule test` of the benchmark
+    assert FB.main(argv) == 0
+    mp.undo()
+    return {"out": tmp / "out", "uri": argv[argv.index("--tracking_uri") + 1], "first": first, "calls": calls, "resumed": resumed,
+            "results": json.loads((tmp / "out" / "results.json").read_text())["runs"]}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_redoes_nothing_finished(killed_then_resumed: dict) -> None:
+    first, results = killed_then_resumed["first"], killed_then_resumed["results"]
+    assert [r.get("stage") or r["key"] for r in first] == ["rejection steering", "RULE|learning_rate=0.0001|4"]
+    assert results[:2] == first  # the finished records are kept as they were
+    fits = [a for a in killed_then_resumed["resumed"] if a[0] == "fit"]
+    keys = [r["key"] for r in results if r.get("kind") == "run"]
+    # resumed: the four unfinished sweep runs, then one re-run per chosen point; RS and the first run never again
+    assert keys == ["RULE|learning_rate=0.0001|4", "RULE|learning_rate=0.0004|4",
+                    "ReRULE (fill, group adv.)|learning_rate=0.0001|4", "ReRULE (fill, group adv.)|learning_rate=0.0004|4",
+                    "GradDiff|learning_rate=0.0003|2"]
+    reports = [r for r in results if r.get("kind") == "report"]
+    assert len(fits) == 4 + len(reports) and not any("configs/embedded/rs.yaml" in a for a in fits)
+    tests = [a for a in killed_then_resumed["resumed"] if a[0] == "test"]
+    assert len(tests) == len(reports) and all(a[a.index("--data.init_args.eval_half") + 1] == "report" for a in tests)
+
+
+@pytest.mark.slow
+def test_points_chosen_points_report_half_and_outputs(killed_then_resumed: dict) -> None:
+    out, results = killed_then_resumed["out"], killed_then_resumed["results"]
+    runs = {r["key"]: r for r in results if r.get("kind") == "run"}
+    rule = runs["RULE|learning_rate=0.0001|4"]
+    assert [(p["step"], p["sequences"]) for p in rule["points"]] == [(2, 16.0), (4, 32.0)]  # B·G = 4·2 per step
+    base = runs["GradDiff|learning_rate=0.0003|2"]
+    assert [p["epoch"] for p in base["points"]] == [1, 2]
+    assert base["points"][1]["sequences"] == 2 * base["points"][0]["sequences"] > 0     # forget + retain rows
+    for r in runs.values():
+        for p in r["points"]:
+            for s in ("forget", "boundary_hard", "boundary_easy", "retain"):
+                rates = [p["select"][f"{s}/{k}"] for k in ("refusal_rate", "answer_accuracy", "wrong_answer_rate",
+                                                            "degenerate_rate")]
+                assert sum(rates) == pytest.approx(1.0, abs=1e-6)
+    reports = [r for r in results if r.get("kind") == "report"]
+    assert {r["method"] for r in reports} == {"RULE", "ReRULE (fill, group adv.)", "GradDiff"}  # one per method
+    for rep in reports:
+        assert rep["verified"], f"re-run of {rep['key']} to {rep['at']} differs: {rep['rerun_select']}"
+        assert rep["rerun_validations"] == "chosen point only"  # validations do not move the training
+        assert "holdout/answer_accuracy" in rep["report"] and "forget/degenerate_rate" in rep["report"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=killed_then_resumed["uri"])
+    exp = client.get_experiment_by_name("rerule-frontier")
+    tagged = client.search_runs([exp.experiment_id], "tags.`rerule.stage` = 'report'")
+    assert sorted((r.data.tags["rerule.method"], r.data.tags["rerule.knob"], r.data.tags["rerule.value"],
+                   r.data.tags["rerule.step"]) for r in tagged) == sorted(
+        (rep["method"], "learning_rate", rep["key"].split("=")[1].split("|")[0], str(rep["at"])) for rep in reports)
+    table = (out / "table.md").read_text()
+    assert "| RULE | any point | 1/1 |" in table and "(reference)" in table and "Δ area vs RULE" in table
+    assert "| GradDiff | any point | 1/1 |" in table
+    for png in ("frontier_refusal.png", "frontier_accuracy.png"):
+        assert (out / png).stat().st_size > 1000
+    assert len((out / "points.csv").read_text().splitlines()) == 1 + sum(len(r["points"]) for r in runs.values())
+    # --analyse_only rebuilds the same table from results.json
+    (out / "table.md").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FA, "CONSTRAINTS", (ANY,))
+        assert FB.main(["--analyse_only", "--output_dir", str(out)]) == 0
+    assert (out / "table.md").read_text() == table
+
+
+def test_sweep_file_declares_every_method_and_quick_shrinks_it() -> None:
+    full = FB.load_sweep(FB.DEFAULT_SWEEP)
+    methods = list(dict.fromkeys(r.method for r in full["runs"]))
+    assert methods == ["RULE", "ReRULE (fill, group adv.)", "ReRULE (add, group adv.)", "random replay",
+                       "prompt replay", "GA", "GradDiff", "NPO", "SimNPO", "IdkDPO", "RMU"]
+    rule = [r for r in full["runs"] if r.method == "RULE"]
+    assert [(r.knobs["learning_rate"], r.budget) for r in rule] == [(5e-5, 60), (1e-4, 60), (2e-4, 60), (4e-4, 60),
+                                                                    (1e-4, 120)]
+    npo = [r for r in full["runs"] if r.method == "NPO"]
+    assert len(npo) == 2 * 3 * 2 and all(r.budget == 40 and r.extra[:2] == ["--model.init_args.regularizer", "klr"]
+                                         for r in npo)
+    assert {r.knobs["beta"] for r in full["runs"] if r.method == "SimNPO"} == {2.5, 4.5}
+    assert full["seeds"] == [0, 1, 2, 3, 4] and full["val_items"] == 48
+    assert (full["val_every"], full["val_every_epochs"]) == (5, 1)
+    quick = FB.load_sweep(FB.DEFAULT_SWEEP, quick=True)
+    assert quick["seeds"] == [0, 1]
+    assert [(r.method, r.knobs, r.budget) for r in quick["runs"]] == [
+        ("RULE", {"learning_rate": 1e-4}, 30), ("RULE", {"learning_rate": 4e-4}, 30),
+        ("ReRULE (fill, group adv.)", {"learning_rate": 1e-4}, 30), ("ReRULE (fill, group adv.)", {"learning_rate": 4e-4}, 30),
+        ("GradDiff", {"learning_rate": 1e-4, "retain_weight": 1}, 10),
+        ("NPO", {"learning_rate": 1e-4, "retain_weight": 1, "beta": 0.1}, 10)]
+    with pytest.raises(SystemExit, match=r"--methods \['Nope'\]: not in"):
+        FB.load_sweep(FB.DEFAULT_SWEEP, methods=["Nope"])
+    with pytest.raises(SystemExit, match="no such file"):
+        FB.load_sweep("missing.yaml")
