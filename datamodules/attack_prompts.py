@@ -17,7 +17,8 @@ Embedded world (:func:`embedded_attack_items`), per fact row of each requested s
   award rows); the leak is the author's full name.
 
 RWKU (:func:`rwku_attack_items`): the level-3 (adversarial attack) probes of the selected targets, grouped by
-RWKU's own attack type (``rwku_affirmative_suffix``, ``rwku_incontext_learning``, ``rwku_reverse_query``, ...),
+RWKU's own attack type, lower-cased with non-alphanumerics as ``_`` (``rwku_affirmative_suffix``,
+``rwku_incontext_learning``, ``rwku_cross_lingual_french``, ...),
 rendered exactly as ``rerule test`` renders them.
 """
 
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,7 +123,7 @@ def rwku_attack_items(dm: Any) -> dict[str, dict[str, list[dict[str, Any]]]]:
     raw = dm.raw["forget_level3"]
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for it in items:
-        kind = "rwku_" + raw[int(it["id"].rsplit("-", 1)[1])]["type"].strip().lower().replace(" ", "_")
+        kind = "rwku_" + re.sub(r"[^a-z0-9]+", "_", raw[int(it["id"].rsplit("-", 1)[1])]["type"].lower()).strip("_")
         out.setdefault(kind, {}).setdefault("forget_level3", []).append({**it, "attack_kind": kind})
     return dict(sorted(out.items()))
 

@@ -51,7 +51,7 @@ def attack(model: str, data: L.LightningDataModule, attacks: list[str] | None = 
            quantization: QuantizationAttack = QuantizationAttack(),  # noqa: B008
            relearning: RelearningAttack = RelearningAttack(),  # noqa: B008
            adversarial: AdversarialAttack = AdversarialAttack(),  # noqa: B008
-           target_model: str | None = None, retain_model: str | None = None,
+           target_model: str | None = None, retain_model: str | None = None, tokenizer: str | None = None,
            dtype: Literal["float32", "bfloat16", "float16"] = "float32", max_new_tokens: int = 32,
            batch_size: int = 64, seed: int = 0, output_dir: str = "runs/attack",
            tracking_uri: str | None = DEFAULT_TRACKING_URI, experiment: str = "rerule-attack",
@@ -70,6 +70,7 @@ def attack(model: str, data: L.LightningDataModule, attacks: list[str] | None = 
         adversarial: Adversarial prompt settings.
         target_model: The model before unlearning (relearning's ``target`` control).
         retain_model: The model that never saw the forget set (relearning's ``retain`` control).
+        tokenizer: Tokenizer id or directory of every attacked model (default: each model's own directory).
         dtype: Parameter dtype the models are loaded in.
         max_new_tokens: Greedy / sampled tokens per answer (a split's own budget overrides it).
         batch_size: Items per generation batch.
@@ -104,6 +105,7 @@ def attack(model: str, data: L.LightningDataModule, attacks: list[str] | None = 
         from rerule_lightning.evaluation.attacks.quantize import resolve_backend
 
         resolve_backend(quantization.backend)
+    check_model_dir(tokenizer, "--tokenizer", weights=False)
     known = list(getattr(data, "eval_splits", []))
     if "sampling" in attacks:
         _check_splits("sampling.splits", sampling.splits, known)
@@ -117,13 +119,15 @@ def attack(model: str, data: L.LightningDataModule, attacks: list[str] | None = 
     t0 = time.perf_counter()
     data.setup("test")
     result = run_attacks(model, data, attacks, sampling=sampling, quantization=quantization, relearning=relearning,
-                         adversarial=adversarial, target_model=target_model, retain_model=retain_model, dtype=dtype,
+                         adversarial=adversarial, target_model=target_model, retain_model=retain_model,
+                         tokenizer=tokenizer, dtype=dtype,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, output_dir=output_dir,
                          say=_say)
     result["config"] = {"model": model, "data": type(data).__name__, "attacks": attacks,
                         "sampling": asdict(sampling), "quantization": asdict(quantization),
                         "relearning": asdict(relearning), "adversarial": asdict(adversarial),
-                        "target_model": target_model, "retain_model": retain_model, "dtype": dtype,
+                        "target_model": target_model, "retain_model": retain_model, "tokenizer": tokenizer,
+                        "dtype": dtype,
                         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed}
     result["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     from rerule_lightning.cli.attack_run import write_outputs

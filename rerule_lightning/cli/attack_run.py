@@ -27,13 +27,13 @@ def _free(model: Any) -> None:
     gc.collect()
 
 
-def _load(path: str, dtype: str) -> tuple[Any, Any]:
+def _load(path: str, dtype: str, tokenizer: str | None = None) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
     from rerule_lightning.primitives.policy import PolicyConfig, load_tokenizer
 
-    tok = load_tokenizer(PolicyConfig(name_or_path=path))
+    tok = load_tokenizer(PolicyConfig(name_or_path=path, tokenizer=tokenizer))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     if torch.cuda.is_available():
         model = model.to("cuda")
@@ -68,15 +68,13 @@ def sampling_attack(model: Any, tok: Any, data: Any, cfg: SamplingAttack, seed: 
     return {"settings": {f"t{cfg.temperature:g}_p{cfg.top_p:g}": metrics}}
 
 
-def quantization_attack(model_dir: str, data: Any, cfg: QuantizationAttack, dtype: str, max_new_tokens: int,
-                        batch_size: int, say: Callable[[str], None]) -> dict[str, Any]:
+def quantization_attack(model_dir: str, tok: Any, data: Any, cfg: QuantizationAttack, dtype: str,
+                        max_new_tokens: int, batch_size: int, say: Callable[[str], None]) -> dict[str, Any]:
     """Every metric of the quantization splits after each bit width."""
     import torch
 
     from rerule_lightning.evaluation.attacks.quantize import load_quantized
-    from rerule_lightning.primitives.policy import PolicyConfig, load_tokenizer
 
-    tok = load_tokenizer(PolicyConfig(name_or_path=model_dir))
     settings, used = {}, None
     for bits in cfg.bits:
         t = time.perf_counter()
@@ -101,8 +99,8 @@ def relearn_items(data: Any, cfg: RelearningAttack, content_hash: str) -> tuple[
                     "forget_second_half": [r for r in items if group(r) in b]}
 
 
-def relearning_attack(paths: dict[str, str], data: Any, cfg: RelearningAttack, halves_items: dict[str, list],
-                      dtype: str, seed: int, max_new_tokens: int, batch_size: int,
+def relearning_attack(paths: dict[str, str], tokenizer: str | None, data: Any, cfg: RelearningAttack,
+                      halves_items: dict[str, list], dtype: str, seed: int, max_new_tokens: int, batch_size: int,
                       say: Callable[[str], None]) -> dict[str, Any]:
     """Per fine-tuning mode and attacked model, both halves' metrics at step 0 and after each step count."""
     import torch
@@ -118,8 +116,8 @@ def relearning_attack(paths: dict[str, str], data: Any, cfg: RelearningAttack, h
         for which in cfg.models:
             t = time.perf_counter()
             torch.manual_seed(seed)
-            pcfg = PolicyConfig(name_or_path=paths[which], peft=peft, dtype=dtype, lora_r=cfg.lora_r,
-                                lora_alpha=cfg.lora_alpha)
+            pcfg = PolicyConfig(name_or_path=paths[which], tokenizer=tokenizer, peft=peft, dtype=dtype,
+                                lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
             tok = load_tokenizer(pcfg)
             m = build_policy(pcfg)
             if torch.cuda.is_available():
@@ -166,7 +164,7 @@ def check_lengths(tok: Any, items: dict[str, dict[str, list]], limit: int | None
 
 def run_attacks(model_dir: str, data: Any, attacks: list[str], *, sampling: SamplingAttack,
                 quantization: QuantizationAttack, relearning: RelearningAttack, adversarial: AdversarialAttack,
-                target_model: str | None, retain_model: str | None, dtype: str, max_new_tokens: int, batch_size: int,
+                target_model: str | None, retain_model: str | None, tokenizer: str | None, dtype: str, max_new_tokens: int, batch_size: int,
                 seed: int, output_dir: str, say: Callable[[str], None]) -> dict[str, Any]:
     """Run ``attacks`` on the model at ``model_dir`` over the set-up ``data``; returns attack.json's content."""
     from datamodules.attack_prompts import attack_items, content_hash
@@ -180,11 +178,9 @@ def run_attacks(model_dir: str, data: Any, attacks: list[str], *, sampling: Samp
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "relearn_halves.json"), "w", encoding="utf-8") as f:
             json.dump(halves, f, indent=2)
-    model, tok = _load(model_dir, dtype)
+    model, tok = _load(model_dir, dtype, tokenizer)
     check_lengths(tok, adv_items, getattr(model.config, "max_position_embeddings", None), max_new_tokens)
-    splits = list(dict.fromkeys((sampling.splits if "sampling" in attacks else [])
-                                + (quantization.splits if "quantization" in attacks else [])
-                                + [s for by in adv_items.values() for s in by if s in data.eval_items]))
+    splits = list(data.eval_splits)  # the reference of every delta: every metric of every evaluated split
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     base = unattacked(model, tok, data, splits, max_new_tokens, batch_size) if splits else {}
@@ -196,11 +192,11 @@ def run_attacks(model_dir: str, data: Any, attacks: list[str], *, sampling: Samp
         if name == "sampling":
             parts[name] = sampling_attack(model, tok, data, sampling, seed, max_new_tokens, batch_size, say)
         elif name == "quantization":
-            parts[name] = quantization_attack(model_dir, data, quantization, dtype, max_new_tokens, batch_size, say)
+            parts[name] = quantization_attack(model_dir, tok, data, quantization, dtype, max_new_tokens, batch_size, say)
         elif name == "relearning":
             paths = {"model": model_dir, "target": target_model or "", "retain": retain_model or ""}
-            parts[name] = relearning_attack(paths, data, relearning, halves_items, dtype, seed, max_new_tokens,
-                                            batch_size, say)
+            parts[name] = relearning_attack(paths, tokenizer, data, relearning, halves_items, dtype, seed,
+                                            max_new_tokens, batch_size, say)
             parts[name]["halves"] = halves
         elif name == "adversarial":
             parts[name] = adversarial_attack(model, tok, data, adv_items, max_new_tokens, batch_size, say)
