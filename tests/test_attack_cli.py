@@ -161,3 +161,17 @@ def test_rwku_attack_config_on_the_fixture(tiny_chat_model: str, tmp_path: Path)
     assert sorted(adv) == ["rwku_affirmative_suffix", "rwku_incontext_learning"]
     assert set(adv["rwku_affirmative_suffix"]) >= {"forget_level3/rouge_l_recall", "forget_level3/refusal_rate"}
     assert "forget_level2/rouge_l_recall" in res["unattacked"]["metrics"]
+
+
+def test_attack_help_and_usage(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "attack" in usage.splitlines()[0] and any(line.strip().startswith("attack ") for line in usage.splitlines())
+    with pytest.raises(SystemExit) as ended:
+        main(["attack", "--help"])
+    assert ended.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--sampling.ks", "--quantization.backend", "--relearning.steps", "--relearning.group_by",
+                 "--adversarial.kinds", "--target_model", "--retain_model", "--output_dir", "--threads"):
+        assert flag in text, flag
+    assert "Sample counts k of leak@k" in text and "Is it forgotten or only refused?" in text

@@ -56,8 +56,10 @@ def attack(model: str, data: L.LightningDataModule, attacks: list[str] | None = 
            batch_size: int = 64, seed: int = 0, output_dir: str = "runs/attack",
            tracking_uri: str | None = DEFAULT_TRACKING_URI, experiment: str = "rerule-attack",
            run_name: str | None = None) -> dict[str, Any]:
-    """Attack one model and write ``<output_dir>/attack.json`` (every metric, the table, the relearning halves)
-    and ``attack.md`` (the table), and log them to MLflow.
+    """Is it forgotten or only refused? Attack one model: sampling at temperature 1 (leak@k), 8- / 4-bit weight
+    quantization, relearning on half of the forget targets (LoRA and full; the other half is scored), adversarial
+    prompts; each beside the unattacked model. Writes ``<output_dir>/attack.json`` (every metric, the table, the
+    relearning halves), ``attack.md`` (the table) and ``relearn_halves.json``, and logs them to MLflow.
 
     Args:
         model: Directory of the model under test (an ``AutoModelForCausalLM`` with its tokenizer).
