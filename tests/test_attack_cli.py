@@ -4,6 +4,7 @@ their fixtures, and bad attack configs (one error line, nothing written)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,36 @@ def test_attack_help_and_usage(capsys: pytest.CaptureFixture) -> None:
                  "--adversarial.kinds", "--target_model", "--retain_model", "--output_dir", "--threads"):
         assert flag in text, flag
     assert "Sample counts k of leak@k" in text and "Is it forgotten or only refused?" in text
+
+
+#: The real benchmark rows beside the checkout (as tests/test_bench_real_data.py); $RERULE_REAL_DATA overrides.
+REAL = Path(os.environ.get("RERULE_REAL_DATA", ROOT.parent / "shared" / "real-data"))
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} (real benchmark rows) is absent")
+def test_rwku_real_rows_give_every_adversarial_attack_type() -> None:
+    from datamodules import RWKUDataModule
+    from datamodules.attack_prompts import rwku_attack_items
+
+    dm = RWKUDataModule(source=str(REAL / "rwku"), targets=1, swaps_per_target=1, prompt_format="raw", batch_size=2,
+                        eval_splits=["forget_level3"])
+    dm.setup("test")
+    counts = {k: len(v["forget_level3"]) for k, v in rwku_attack_items(dm).items()}
+    assert counts == {"rwku_affirmative_suffix": 2, "rwku_context_hint": 5, "rwku_cross_lingual_french": 1,
+                      "rwku_cross_lingual_spanish": 1, "rwku_incontext_learning": 3, "rwku_multiple_choice": 2,
+                      "rwku_prefix_injection": 4, "rwku_reverse_query": 3, "rwku_role_play": 4,
+                      "rwku_synonym_manipulation": 4}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} (real benchmark rows) is absent")
+def test_tofu_attack_config_on_the_real_rows(tiny_chat_model: str, tmp_path: Path) -> None:
+    argv = ["attack", "--config", str(CONFIGS / "tofu" / "attack.yaml"), *_tofu(tiny_chat_model, tmp_path),
+            "--data.init_args.source", str(REAL / "tofu"), "--data.init_args.rows_per_author", "20",
+            "--data.init_args.eval_max_items", "12", "--quantization.bits", "[4]", "--relearning.peft", "[lora]",
+            "--relearning.steps", "[1]"]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "out" / "attack.json").read_text())
+    halves = res["attacks"]["relearning"]["halves"]
+    assert halves["first"] and halves["second"] and not set(halves["first"]) & set(halves["second"])
+    assert "forget/truth_ratio" in res["attacks"]["quantization"]["settings"]["4bit"]
