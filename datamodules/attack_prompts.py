@@ -42,7 +42,7 @@ NUM_DEMOS = 3
 def content_hash(dm: Any) -> str:
     """What identifies the data's content (after ``setup``): the embedded world's trained content hash (the
     ``rerule prepare`` cache key, preset excluded), else the benchmark datamodule's ``data_signature()``."""
-    world_dir = getattr(getattr(dm, "hparams", {}), "get", lambda *_: None)("world_dir")
+    world_dir = dict(getattr(dm, "hparams", {})).get("world_dir")
     if world_dir:
         from datamodules.world import WorldConfig
 

@@ -103,6 +103,12 @@ def attack(model: str, data: L.LightningDataModule, attacks: list[str] | None = 
                 check_model_dir(path, flag)
     check_output(output_dir, "dir", "--output_dir")
     check_tracking_uri(tracking_uri, "--tracking_uri")
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        from rerule_lightning.tracking.logger import server_problem
+
+        problem = server_problem(tracking_uri, timeout_s=5.0)
+        if problem is not None:
+            raise ValueError(f"--tracking_uri={tracking_uri}: MLflow tracking server is not reachable ({problem})")
     if "quantization" in attacks:
         from rerule_lightning.evaluation.attacks.quantize import resolve_backend
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -79,7 +80,14 @@ def quantization_attack(model_dir: str, tok: Any, data: Any, cfg: QuantizationAt
     for bits in cfg.bits:
         t = time.perf_counter()
         qmodel, used = load_quantized(model_dir, bits, cfg.backend, getattr(torch, dtype))
-        settings[f"{bits}bit"] = unattacked(qmodel, tok, data, cfg.splits, max_new_tokens, batch_size)
+        # LLM.int8() logs, on every matmul, that it casts float32 inputs to float16
+        bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+        level = bnb_log.level
+        bnb_log.setLevel(logging.ERROR)
+        try:
+            settings[f"{bits}bit"] = unattacked(qmodel, tok, data, cfg.splits, max_new_tokens, batch_size)
+        finally:
+            bnb_log.setLevel(level)
         _free(qmodel)
         say(f"quantization: {bits}-bit ({used}) ({time.perf_counter() - t:.1f} s)")
     return {"backend": used, "settings": settings}
@@ -220,6 +228,9 @@ def write_outputs(result: dict[str, Any], output_dir: str) -> list[str]:
         f.write(f"# rerule attack: {result['model']}\n\n")
         if backend:
             f.write(f"Quantization backend: {backend}.\n\n")
+        f.write("Δ: value minus the same model unattacked (greedy, plain prompts) on the same split; leak_at_k (at "
+                "least one of k samples at temperature 1 states the fact) against greedy answer accuracy; relearning "
+                "`<peft>/<model>/steps_<k>` against its `steps_0`. attack.json has every metric.\n\n")
         f.write(render_markdown(result["table"]))
     paths = [js, md]
     halves = os.path.join(output_dir, "relearn_halves.json")
