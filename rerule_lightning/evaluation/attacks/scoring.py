@@ -84,15 +84,15 @@ def attack_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 #: Metrics shown in ``attack.md`` (attack.json has every metric).
-TABLE_METRICS = ("answer_accuracy", "refusal_rate", "rouge_l_recall", "leak_at_1", "leak_at_8", "leak_at_32")
+TABLE_METRICS = ("answer_accuracy", "refusal_rate", "rouge_l_recall")
 
 
 def render_markdown(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = TABLE_METRICS) -> str:
-    """The attack table in Markdown (only ``metrics``; value and Δ vs unattacked)."""
+    """The attack table in Markdown (``metrics`` and every ``leak_at_<k>``; value and Δ vs unattacked)."""
     head = "| attack | setting | split | metric | value | Δ vs unattacked |\n|---|---|---|---|---|---|\n"
     body = []
     for r in rows:
-        if r["metric"] not in metrics:
+        if r["metric"] not in metrics and not r["metric"].startswith("leak_at_"):
             continue
         d = "" if r["delta"] is None else f"{r['delta']:+.3f}"
         body.append(f"| {r['attack']} | {r['setting']} | {r['split']} | {r['metric']} | "
