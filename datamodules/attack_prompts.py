@@ -36,7 +36,7 @@ from rerule_lightning.evaluation.attacks.prompts import ADVERSARIAL_KINDS, WRAPP
 from rerule_lightning.primitives.prompting import format_prompt
 
 #: In-context demonstrations before an ``in_context`` question (default).
-NUM_DEMOS = 3
+NUM_DEMOS = 2
 
 
 def content_hash(dm: Any) -> str:

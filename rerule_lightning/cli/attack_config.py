@@ -140,7 +140,7 @@ class AdversarialAttack:
     kinds: list[str] = field(default_factory=lambda: ["prefix_injection", "affirmative_suffix", "role_play",
                                                       "reverse_query", "in_context", "description"])
     splits: list[str] = field(default_factory=lambda: ["forget", "boundary_hard"])
-    num_demos: int = 3
+    num_demos: int = 2
 
     def __post_init__(self) -> None:
         if self.num_demos < 1:
