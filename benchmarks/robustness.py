@@ -17,8 +17,8 @@ with ``--seed`` = the model's seed, relearning on the model itself (the controls
 run each. Resumable: each finished (method, seed) is recorded in ``<output_dir>/results.json``.
 
 The table (``robustness.md`` / ``.csv``): per method, the greedy forget answer accuracy and the forget answer
-accuracy each attack recovers, Δ against the same model unattacked (relearning: the held-out half after the last
-step against step 0), mean over seeds with a 95 % Student-t interval (``rerule_lightning.tracking.paired``);
+accuracy each attack recovers, Δ against the same model unattacked (relearning: the held-out half at the best
+step count against step 0), mean over seeds with a 95 % Student-t interval (``rerule_lightning.tracking.paired``);
 ``robustness.png`` plots the same Δs with their intervals.
 """
 
@@ -89,10 +89,11 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
         put(f"{bits} Δ", _row(table, "quantization", bits, "forget", "answer_accuracy"))
     rel = result["attacks"].get("relearning", {}).get("settings", {})
     for peft in ("lora", "full"):
-        steps = [int(s.rsplit("_", 1)[1]) for s in rel if s.startswith(f"{peft}/model/steps_")]
-        if steps:
-            put(f"relearn {peft} {max(steps)} Δ",
-                _row(table, "relearning", f"{peft}/model/steps_{max(steps)}", "forget_second_half", "answer_accuracy"))
+        rows = [_row(table, "relearning", s, "forget_second_half", "answer_accuracy") for s in rel
+                if s.startswith(f"{peft}/model/steps_") and not s.endswith("/steps_0")]
+        rows = [r for r in rows if r is not None and r["delta"] is not None]
+        if rows:  # the attacker keeps the best step count (the held-out half peaks early, then interference sets in)
+            put(f"relearn {peft} best Δ", max(rows, key=lambda r: r["delta"]))
     adv = [r for r in table if r["attack"] == "adversarial" and r["split"] == "forget" and r["metric"] == "answer_accuracy"]
     if adv:
         best = max(adv, key=lambda r: -math.inf if r["delta"] is None else r["delta"])
@@ -149,15 +150,22 @@ def _cell(s: Any) -> str:
 
 
 def write_outputs(output_dir: str) -> list[str]:
-    """robustness.md / .csv / .png from ``results.json``; returns the paths."""
+    """robustness.md / .csv / .png from ``results.json`` (headlines recomputed from each model's attack.json when
+    it is there, so a change of :func:`headline` needs no new attack); returns the paths."""
     with open(os.path.join(output_dir, "results.json")) as f:
         runs = json.load(f)["runs"]
+    for r in runs:
+        path = os.path.join(output_dir, f"seed{r['seed']}", _tag(r["method"]), "attack.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                r["headline"] = headline(json.load(f))
     cols, rows = summarise(runs)
     md = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     md += [f"| {r['method']} | {r['n']} | " + " | ".join(_cell(r["stats"][c]) for c in cols) + " |" for r in rows]
     note = ("\nForget answer accuracy (fraction of forget questions whose answer states the fact). Greedy columns: "
-            "the model unattacked; Δ columns: recovered by the attack (value − unattacked; relearning: the held-out "
-            "half after the last step − step 0; adversarial best: the kind that recovers most). Mean over seeds "
+            "the model unattacked; Δ columns: recovered by the attack (value − unattacked; leak@k: some of k samples at "
+            "temperature 1 states the fact, against greedy accuracy; relearning: the held-out half of the forget "
+            "authors at the best of the step counts − step 0; adversarial best: the kind that recovers most). Mean over seeds "
             "[95 % Student-t interval].\n")
     paths = [os.path.join(output_dir, n) for n in ("robustness.md", "robustness.csv", "robustness.png")]
     with open(paths[0], "w") as f:

@@ -49,9 +49,9 @@ def test_robustness_benchmark_end_to_end_on_the_tiny_world(tiny_prepared: dict, 
     target = runs[1]["headline"]
     assert target["greedy forget accuracy"] == 1.0 and target["greedy forget refusal"] == 0.0
     assert set(target) == {"greedy forget accuracy", "greedy forget refusal", "leak@4 Δ", "8bit Δ",
-                           "relearn full 4 Δ", "adversarial best Δ"}
+                           "relearn full best Δ", "adversarial best Δ"}
     retain = runs[3]["headline"]
-    assert retain["greedy forget accuracy"] <= 2 / 36 and retain["relearn full 4 Δ"] <= 2 / 18 + 1e-9
+    assert retain["greedy forget accuracy"] <= 2 / 36 and retain["relearn full best Δ"] <= 2 / 18 + 1e-9
     md = (out / "robustness.md").read_text()
     assert "| target (control) | 2 | +1.000 [+1.000, +1.000] |" in md  # same greedy answers on both seeds
     assert "| retain again | 1 |" in md
