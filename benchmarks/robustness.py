@@ -141,12 +141,13 @@ def summarise(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any
     return cols, rows
 
 
-def _cell(s: Any) -> str:
+def _cell(s: Any, signed: bool = True) -> str:
     if not math.isfinite(s.mean):
         return "–"
+    f = "{:+.3f}" if signed else "{:.3f}"
     if s.n < 2 or not math.isfinite(s.low):
-        return f"{s.mean:+.3f}"
-    return f"{s.mean:+.3f} [{s.low:+.3f}, {s.high:+.3f}]"
+        return f.format(s.mean)
+    return f"{f.format(s.mean)} [{f.format(s.low)}, {f.format(s.high)}]"
 
 
 def write_outputs(output_dir: str) -> list[str]:
@@ -161,7 +162,7 @@ def write_outputs(output_dir: str) -> list[str]:
                 r["headline"] = headline(json.load(f))
     cols, rows = summarise(runs)
     md = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    md += [f"| {r['method']} | {r['n']} | " + " | ".join(_cell(r["stats"][c]) for c in cols) + " |" for r in rows]
+    md += [f"| {r['method']} | {r['n']} | " + " | ".join(_cell(r["stats"][c], c.endswith("Δ")) for c in cols) + " |" for r in rows]
     note = ("\nForget answer accuracy (fraction of forget questions whose answer states the fact). Greedy columns: "
             "the model unattacked; Δ columns: recovered by the attack (value − unattacked; leak@k: some of k samples at "
             "temperature 1 states the fact, against greedy accuracy; relearning: the held-out half of the forget "

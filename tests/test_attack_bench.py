@@ -53,7 +53,7 @@ def test_robustness_benchmark_end_to_end_on_the_tiny_world(tiny_prepared: dict, 
     retain = runs[3]["headline"]
     assert retain["greedy forget accuracy"] <= 2 / 36 and retain["relearn full best Δ"] <= 2 / 18 + 1e-9
     md = (out / "robustness.md").read_text()
-    assert "| target (control) | 2 | +1.000 [+1.000, +1.000] |" in md  # same greedy answers on both seeds
+    assert "| target (control) | 2 | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.000] |" in md  # same greedy answers on both seeds
     assert "| retain again | 1 |" in md
     assert (out / "robustness.png").stat().st_size > 1000
     attack = json.loads((out / "seed1" / "target__control_" / "attack.json").read_text())
