@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "BenchmarkDataModule": "benchmarks.base", "SchemaError": "benchmarks.sources", "load_rows": "benchmarks.sources",
     "TOFUDataModule": "benchmarks.tofu", "MUSEDataModule": "benchmarks.muse", "RWKUDataModule": "benchmarks.rwku",
     "RejectionSteeringDataModule": "benchmarks.rs",
+    "attack_items": "attack_prompts", "embedded_attack_items": "attack_prompts", "rwku_attack_items": "attack_prompts",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from datamodules.world import REFUSAL_TEMPLATES, WorldConfig, generate_world
+from rerule_lightning.primitives.halves import hashed_halves
 from rerule_lightning.primitives.prompting import format_answer, format_prompt
 
 EVAL_SPLITS = ("forget", "boundary_hard", "boundary_easy", "retain", "world_facts", "holdout")
@@ -19,6 +19,7 @@ SftMode = Literal["target", "retain", "rejection_steering"]
 #: The selection / report halves of every evaluation split, written beside the world by :func:`save_world`.
 HALVES_FILE = "halves.json"
 HALVES = ("select", "report")
+SELECT_SALT = "select"  # the salt of the selection / report halves (the relearning halves use "relearn")
 
 
 def save_world(cfg: WorldConfig, path: str) -> None:
@@ -63,10 +64,8 @@ def derive_halves(splits: Mapping[str, Any]) -> dict[str, Any]:
     for s in EVAL_SPLITS:
         if s not in splits:
             continue
-        keys = sorted({half_key(r) for r in splits[s]},
-                      key=lambda k: hashlib.sha256(f"{k}|{content}|select".encode()).hexdigest())
-        cut = math.ceil(len(keys) / 2)
-        out[s] = {"select": sorted(keys[:cut]), "report": sorted(keys[cut:])}
+        select, report = hashed_halves([half_key(r) for r in splits[s]], content, SELECT_SALT)
+        out[s] = {"select": select, "report": report}
     return {"content_hash": content, "splits": out}
 
 

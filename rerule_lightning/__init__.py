@@ -33,7 +33,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 #: Public name -> the module (relative to this package) that defines it, as ``module`` or ``module:attribute``
-#: (an alias; ``prepare`` and ``report`` are not exported under their own names, which the submodules hold).
+#: (an alias; ``prepare``, ``report`` and ``attack`` are not exported under their own names, which the submodules hold).
 _EXPORTS: dict[str, str] = {
     # model primitives
     "PolicyConfig": "primitives.policy", "build_policy": "primitives.policy", "load_tokenizer": "primitives.policy",
@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "UnlearningEvaluator": "evaluation.evaluator", "EvalSuite": "evaluation.suite", "SplitSpec": "evaluation.suite",
     "metrics": "evaluation.metrics", "OutputClassRate": "evaluation.metrics.outputs",
     "output_class": "evaluation.metrics.outputs",
+    "attacks": "evaluation.attacks",
     # Lightning modules
     "GRPOUnlearningModule": "modules.grpo", "SFTModule": "modules.sft", "TinyLlamaConfig": "modules.sft",
     "EvalModule": "modules.eval", "ReferenceItems": "modules.eval_hooks", "compute_reference": "modules.eval_hooks",
@@ -62,6 +63,9 @@ _EXPORTS: dict[str, str] = {
     "Constraint": "tracking.frontier", "frontier_area": "tracking.frontier",
     "prepare_embedded": "cli.prepare:prepare",
     "report_runs": "cli.report:report", "demo_main": "cli.pipeline",
+    "attack_model": "cli.attack:attack", "SamplingAttack": "cli.attack_config",
+    "QuantizationAttack": "cli.attack_config", "RelearningAttack": "cli.attack_config",
+    "AdversarialAttack": "cli.attack_config",
 }
 
 #: Module paths before the layout in folders -> where the module lives now (both under this package).

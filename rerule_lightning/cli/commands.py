@@ -4,6 +4,7 @@
 * ``rerule fit | validate | test --config ...``: LightningCLI over any LightningModule / DataModule
   (``class_path`` / ``init_args``), with MLflow logging by default (``sqlite:///mlflow.db``; point it at a
   server with ``--trainer.logger.init_args.tracking_uri http://host:port``).
+* ``rerule attack --config configs/embedded/attack.yaml --model PATH``: robustness attacks on one model.
 * ``rerule demo``: the main job on the embedded default (prepare, rejection steering, RULE, evaluation).
 
 This module is the top of the command layer: it dispatches to :mod:`~rerule_lightning.cli.prepare`,
@@ -21,18 +22,19 @@ from typing import Any
 # Re-exported from the LightningCLI builder's own module (importing it does not import Lightning).
 from rerule_lightning.cli.lightning_cli import DEFAULT_TRACKING_URI, lightning_main, quiet_libraries  # noqa: F401
 
-USAGE = """usage: rerule {prepare,fit,validate,test,demo,report} [options]
+USAGE = """usage: rerule {prepare,fit,validate,test,attack,demo,report} [options]
 
   prepare   build the embedded world, tokenizer, target and retain models (cached by config hash)
   fit       train a model from a LightningCLI config (rejection steering, RULE, ReRULE)
   validate  run validation of a model and data config
   test      evaluate a model on every evaluation split (writes eval.json)
+  attack    robustness of a model: sampling (leak@k), quantization, relearning, adversarial prompts (attack.json)
   demo      the main job on the embedded default: prepare -> rejection steering -> RULE -> evaluation
   report    compare MLflow runs: table (Markdown, CSV) and plots, logged to a report run
 
 Run `rerule COMMAND --help` for the options of one command; `rerule --version` prints the versions.
 
-  --threads N   (prepare, fit, validate, test, demo) torch intra-op threads, pinned so that a run repeats
+  --threads N   (prepare, fit, validate, test, attack, demo) torch intra-op threads, pinned so that a run repeats
                 exactly on the same machine; default $RERULE_THREADS, else $OMP_NUM_THREADS, else 2;
                 0 leaves torch's default (one thread per core)"""
 
@@ -125,6 +127,10 @@ def _dispatch(argv: list[str] | None) -> Any:
     if cmd in ("fit", "validate", "test"):
         lightning_main(argv)
         return 0
+    if cmd == "attack":
+        from rerule_lightning.cli.attack import attack_main
+
+        return attack_main(rest)
     if cmd == "demo":
         from rerule_lightning.cli.pipeline import demo_main
 
