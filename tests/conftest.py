@@ -10,8 +10,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.join(os.path.dirname(__file__), "..", ".cache",
-                                                                        "test-mlflow.db"))
+# one store per pytest-xdist worker (``pytest -n 2``): two processes writing one sqlite file can see it locked
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.join(
+    os.path.dirname(__file__), "..", ".cache", f"test-mlflow-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.db"))
 
 import pytest  # noqa: E402
 
