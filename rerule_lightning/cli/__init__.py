@@ -1,4 +1,4 @@
-"""Layer 4b, the command line: ``rerule`` (:mod:`.commands`), the LightningCLI builder (:mod:`.lightning_cli`),
+"""Layer 5, the command line: ``rerule`` (:mod:`.commands`), the LightningCLI builder (:mod:`.lightning_cli`),
 the preflight checks that run before any work (:mod:`.validation`, :mod:`.knobs`, :mod:`.paths`), one-line
 config errors (:mod:`.errors`), signal endings (:mod:`.interrupts`) and the commands that assemble whole jobs
 (:mod:`.prepare`, :mod:`.pipeline`, :mod:`.report`): the only part of the core that imports ``datamodules`` and

@@ -1,4 +1,4 @@
-"""Rollouts: sampling G completions per prompt, and the ``RolloutGroup`` contract with replay callbacks.
+"""Rollout groups (G completions per prompt, sampled in :mod:`.generation`) and their contract with replay callbacks.
 
 Contract between :class:`~rerule_lightning.modules.grpo.GRPOUnlearningModule` and replay callbacks:
 

@@ -1,4 +1,4 @@
-"""Layer 4a, tracking: the resilient MLflow logger and the config-saving callback (:mod:`.logger`), the rows and
+"""Layer 4, tracking: the resilient MLflow logger and the config-saving callback (:mod:`.logger`), the rows and
 plots of ``rerule report`` (:mod:`.report_rows`, :mod:`.plots`) and paired statistics over seeds (:mod:`.paired`).
 
 Nothing below imports it; the command layer does."""
