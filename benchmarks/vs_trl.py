@@ -20,8 +20,9 @@ A step is timed from the framework's own step hooks: ours from ``on_train_batch_
 from ``on_step_begin`` to ``on_step_end`` (its ``training_step`` generates, scores, runs the reference and policy
 passes and backward; then clip and optimizer). Each repeat runs one fresh fit per side (``--steps`` + 1 steps,
 the first dropped as warm-up), the side that goes first alternating between repeats so machine drift cancels;
-the ratio of a repeat is our median step over TRL's. Printed: the median ratio over repeats with its min–max
-spread, the median step of each side, mean completion tokens of each side (different RNG streams: the lengths
+the ratio of a repeat is our median step over TRL's. Each step is timed in wall-clock and in process CPU time
+(``time.process_time``: with one thread, less sensitive to other processes on a shared machine than wall-clock).
+Printed: the median ratio over repeats with its min–max spread (both clocks), the median step of each side, mean completion tokens of each side (different RNG streams: the lengths
 differ a little) and the load average before and after.
 
 TRL is an optional dependency: ``pip install -e .[bench]`` (``trl>=1.16``).
@@ -94,7 +95,7 @@ def embedded_batches(world_dir: str, steps: int) -> list[dict[str, list]]:
 
 
 def ours(model: str, world_dir: str, steps: int, prompt_fn: Any, workdir: str,
-         shared: bool = True) -> tuple[list[float], float]:
+         shared: bool = True) -> tuple[list[tuple[float, float]], float]:
     """One fit of ``steps`` steps of our module; per-step seconds and mean completion tokens. ``shared=False``
     turns both prompt-sharing paths off (``share_prompt_prefix: false``, rollouts without ``prefill_once``)."""
     import functools
@@ -112,17 +113,17 @@ def ours(model: str, world_dir: str, steps: int, prompt_fn: Any, workdir: str,
             "--model.init_args.export_dir", "null", "--model.init_args.share_prompt_prefix", str(shared).lower()]
     gm.sample_completions = functools.partial(sample_completions, prefill_once=shared)
     cli = lightning_main(argv, run=False)
-    times: list[float] = []
+    times: list[tuple[float, float]] = []  # (wall, process CPU) seconds per step
     lengths: list[float] = []
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
             batch["prompt"] = [prompt_fn(p) for p in batch["prompt"]]
-            self.t = time.perf_counter()
+            self.t = (time.perf_counter(), time.process_time())
 
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any,
                                i: int) -> None:
-            times.append(time.perf_counter() - self.t)
+            times.append((time.perf_counter() - self.t[0], time.process_time() - self.t[1]))
             lengths.append(float(trainer.callback_metrics.get("train/completion_length", float("nan"))))
 
     cli.trainer.callbacks.append(Timer())
@@ -130,7 +131,8 @@ def ours(model: str, world_dir: str, steps: int, prompt_fn: Any, workdir: str,
     return times, statistics.fmean(lengths)
 
 
-def trl_steps(model: str, batches: list[dict[str, list]], prompt_fn: Any, workdir: str) -> tuple[list[float], float]:
+def trl_steps(model: str, batches: list[dict[str, list]], prompt_fn: Any,
+              workdir: str) -> tuple[list[tuple[float, float]], float]:
     """One ``GRPOTrainer.train`` over ``batches`` (one step each); per-step seconds and mean completion tokens."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -157,15 +159,15 @@ def trl_steps(model: str, batches: list[dict[str, list]], prompt_fn: Any, workdi
     tok = AutoTokenizer.from_pretrained(model)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_dict(rows),
                           processing_class=tok)
-    times: list[float] = []
+    times: list[tuple[float, float]] = []  # (wall, process CPU) seconds per step
     lengths: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a: Any, **k: Any) -> None:
-            self.t = time.perf_counter()
+            self.t = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
-            times.append(time.perf_counter() - self.t)
+            times.append((time.perf_counter() - self.t[0], time.process_time() - self.t[1]))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **k: Any) -> None:
             if logs and "completions/mean_length" in logs:
@@ -222,15 +224,23 @@ def main(argv: list[str] | None = None) -> int:
                     times, length = ours(model, args.world_dir, args.steps + 1, prompt_fn, work, side == "ours")
                 else:
                     times, length = trl_steps(model, batches, prompt_fn, work)
-                rec[side] = {"steps_s": times, "median_s": statistics.median(times[1:]), "completion_tokens": length}
+                rec[side] = {"steps_s": [w for w, _ in times], "cpu_s": [c for _, c in times],
+                             "median_s": statistics.median(w for w, _ in times[1:]),
+                             "median_cpu_s": statistics.median(c for _, c in times[1:]), "completion_tokens": length}
             rec["ratio"] = rec["ours"]["median_s"] / rec["trl"]["median_s"]
+            rec["cpu_ratio"] = rec["ours"]["median_cpu_s"] / rec["trl"]["median_cpu_s"]
             if args.unshared:
                 rec["ratio_unshared"] = rec["unshared"]["median_s"] / rec["trl"]["median_s"]
+                rec["cpu_ratio_unshared"] = rec["unshared"]["median_cpu_s"] / rec["trl"]["median_cpu_s"]
             runs.append(rec)
             print(f"repeat {r}: " + ", ".join(f"{k} {v['median_s'] * 1000:.0f} ms" for k, v in rec.items()
-                                              if isinstance(v, dict)) + f", ratio {rec['ratio']:.3f}", flush=True)
+                                              if isinstance(v, dict)) + f", ratio {rec['ratio']:.3f} (CPU time: "
+                  + ", ".join(f"{k} {v['median_cpu_s'] * 1000:.0f} ms" for k, v in rec.items() if isinstance(v, dict))
+                  + f", ratio {rec['cpu_ratio']:.3f})", flush=True)
     ratios = [r["ratio"] for r in runs]
+    cpu = [r["cpu_ratio"] for r in runs]
     summary = {"median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
+               "median_cpu_ratio": statistics.median(cpu), "min_cpu_ratio": min(cpu), "max_cpu_ratio": max(cpu),
                "ours_median_ms": 1000 * statistics.median(r["ours"]["median_s"] for r in runs),
                "trl_median_ms": 1000 * statistics.median(r["trl"]["median_s"] for r in runs),
                "ours_completion_tokens": statistics.fmean(r["ours"]["completion_tokens"] for r in runs),
@@ -238,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                "mean_prompt_tokens": mean_prompt, "load_before": load_before, "load_after": os.getloadavg()}
     if args.unshared:
         un = [r["ratio_unshared"] for r in runs]
+        unc = [r["cpu_ratio_unshared"] for r in runs]
         summary.update(unshared_median_ratio=statistics.median(un), unshared_min_ratio=min(un),
-                       unshared_max_ratio=max(un),
+                       unshared_max_ratio=max(un), unshared_median_cpu_ratio=statistics.median(unc),
+                       unshared_min_cpu_ratio=min(unc), unshared_max_cpu_ratio=max(unc),
                        unshared_median_ms=1000 * statistics.median(r["unshared"]["median_s"] for r in runs))
     print(f"prompt tokens ~{mean_prompt:.0f}, {args.repeats} repeats x {args.steps} steps, threads "
           f"{torch.get_num_threads()}: our step / TRL's = {summary['median_ratio']:.3f} "
@@ -247,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['ours_median_ms']:.0f} ms, TRL {summary['trl_median_ms']:.0f} ms; completion tokens ours "
           f"{summary['ours_completion_tokens']:.1f}, TRL {summary['trl_completion_tokens']:.1f}; load average "
           f"{load_before[0]:.2f} before, {summary['load_after'][0]:.2f} after")
+    print(f"process CPU time per step, our step / TRL's = {summary['median_cpu_ratio']:.3f} (min "
+          f"{summary['min_cpu_ratio']:.3f}, max {summary['max_cpu_ratio']:.3f})")
     if args.unshared:
         print(f"unshared (both prompt-sharing paths off) / TRL's = {summary['unshared_median_ratio']:.3f} (min "
               f"{summary['unshared_min_ratio']:.3f}, max {summary['unshared_max_ratio']:.3f}); median "

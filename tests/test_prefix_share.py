@@ -124,6 +124,14 @@ def test_gradient_checkpointing_falls_back_to_the_full_pass_named_once(tiny_prep
     assert calls == [1]
 
 
+def test_active_lora_dropout_falls_back_and_eval_mode_shares(tiny_prepared: dict,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lp, "_FALLBACKS_LOGGED", set())
+    model = build_policy(PolicyConfig(name_or_path=tiny_prepared["links"]["target"], peft="lora", lora_dropout=0.1))
+    assert "dropout" in lp.prefix_share_blocker(model.train())
+    assert lp.prefix_share_blocker(model.eval()) is None  # dropout is off in eval mode
+
+
 def test_a_trainer_step_gives_the_same_parameters_with_and_without_sharing(tiny_prepared: dict, tmp_path: Any) -> None:
     from tests.test_grpo_module import fit, make
 

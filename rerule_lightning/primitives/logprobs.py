@@ -12,9 +12,9 @@ With gradient (the policy pass) the prompt's keys / values stay in the graph: ea
 cache's own ``torch.cat`` with the completion's keys / values copies once more, as it does in any cached pass), so
 backward sums every row's gradient into its prompt's single forward (``index_add``) and through the prompt's layers
 once. Views would not survive the cache's concatenation, so nothing is gained by them. Where the model cannot take
-it (no cache / ``logits_to_keep`` argument, gradient checkpointing with gradient — a recomputed layer would append
-to the cache twice — or a model that returns no cache) :func:`completion_logprobs` runs the full pass and says so
-once in the log.
+it with gradient (no cache / ``logits_to_keep`` argument; gradient checkpointing: a recomputed layer would append
+to the cache twice; active dropout: the G rows would share one mask over their prompt; a model that returns no
+cache) :func:`completion_logprobs` runs the full pass and says so once in the log.
 """
 
 from __future__ import annotations
@@ -164,6 +164,9 @@ def prefix_share_blocker(model: Any) -> str | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "is_gradient_checkpointing", False):
         return "gradient checkpointing is on (a recomputed layer would append to the shared cache twice)"
+    if model.training and (float(getattr(getattr(base, "config", None), "attention_dropout", 0.0) or 0.0) > 0 or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())):
+        return "dropout is active (the G rows would share one dropout mask over their prompt)"
     return None
 
 
