@@ -162,10 +162,12 @@ def prefix_share_blocker(model: Any) -> str | None:
     if not supports_prefix_cache(model):
         return f"{type(model).__name__}.forward takes no KV cache with logits_to_keep"
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base, "is_gradient_checkpointing", False):
-        return "gradient checkpointing is on (a recomputed layer would append to the shared cache twice)"
-    if model.training and (float(getattr(getattr(base, "config", None), "attention_dropout", 0.0) or 0.0) > 0 or any(
-            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())):
+    dropout = model.training and float(getattr(getattr(base, "config", None), "attention_dropout", 0.0) or 0.0) > 0
+    for m in model.modules():  # one pass (transformers' is_activation_checkpointing walks the modules too)
+        if getattr(m, "gradient_checkpointing", False) is True:
+            return "gradient checkpointing is on (a recomputed layer would append to the shared cache twice)"
+        dropout = dropout or (model.training and isinstance(m, torch.nn.Dropout) and m.p > 0)
+    if dropout:
         return "dropout is active (the G rows would share one dropout mask over their prompt)"
     return None
 
