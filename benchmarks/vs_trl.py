@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.unshared:
         print(f"unshared (both prompt-sharing paths off) / TRL's = {summary['unshared_median_ratio']:.3f} (min "
               f"{summary['unshared_min_ratio']:.3f}, max {summary['unshared_max_ratio']:.3f}); median "
-              f"{summary['unshared_median_ms']:.0f} ms")
+              f"{summary['unshared_median_ms']:.0f} ms; CPU time ratio {summary['unshared_median_cpu_ratio']:.3f} "
+              f"(min {summary['unshared_min_cpu_ratio']:.3f}, max {summary['unshared_max_cpu_ratio']:.3f})")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"args": vars(args), "summary": summary, "runs": runs}, f, indent=2)
