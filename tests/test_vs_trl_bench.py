@@ -50,3 +50,14 @@ def test_one_alternated_repeat_times_every_side(tiny_prepared: dict, tmp_path: P
 def test_bad_arguments_fail_before_any_work() -> None:
     with pytest.raises(SystemExit):
         vs_trl.main(["--repeats", "0"])
+
+
+@pytest.mark.slow
+def test_prefix_share_parts_times_both_paths(tiny_prepared: dict, one_torch_thread: None,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import prefix_share_parts
+
+    assert prefix_share_parts.main(["--repeats", "1", "--model", tiny_prepared["links"]["target"],
+                                    "--world_dir", tiny_prepared["links"]["world"]]) == 0
+    out = capsys.readouterr().out
+    assert "generation prefill_once / today = " in out and "policy pass shared / full = " in out
