@@ -22,6 +22,9 @@ Categories (per step, i.e. one ``fit_loop.epoch_loop.advance``):
   ``_groups`` (packing the step's RolloutGroups for the callback contract; it runs without replay too);
 * logging: ``_log_step`` (``self.log_dict``) and the logger's ``log_metrics`` (MLflow writes);
 * rest: step total − the sum of the above (data loading, Lightning's loop, advantages, ...).
+
+Every category is timed on two clocks, wall-clock and process CPU time (``time.process_time``): on a shared,
+loaded machine a one-thread process waits for a core, which inflates wall-clock but not CPU time.
 """
 
 from __future__ import annotations
@@ -45,43 +48,49 @@ CORE = {"generation", "forward", "backward", "optimizer"}
 
 
 class StepTimer:
-    """Exclusive wall-clock per category, accumulated per step; ``steps`` holds one dict per finished step."""
+    """Exclusive time per category, accumulated per step, on two clocks: wall-clock (``steps``) and process CPU
+    time (``cpu_steps``; with one torch thread it barely moves when other processes load the machine)."""
 
     def __init__(self) -> None:
         self.current: dict[str, float] = defaultdict(float)
-        self.stack: list[list[float]] = []  # [start, child time] per open call
+        self.current_cpu: dict[str, float] = defaultdict(float)
+        self.stack: list[list[float]] = []  # [wall start, cpu start, child wall, child cpu] per open call
         self.steps: list[dict[str, float]] = []
+        self.cpu_steps: list[dict[str, float]] = []
 
     def wrap(self, fn: Callable, category: str | Callable[..., str]) -> Callable:
         """``fn`` timed into ``category`` (or ``category(*args, **kwargs)``)."""
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            frame = [time.perf_counter(), 0.0]
+            frame = [time.perf_counter(), time.process_time(), 0.0, 0.0]
             self.stack.append(frame)
             try:
                 return fn(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - frame[0]
+                wall, cpu = time.perf_counter() - frame[0], time.process_time() - frame[1]
                 self.stack.pop()
                 cat = category(*args, **kwargs) if callable(category) else category
-                self.current[cat] += elapsed - frame[1]
+                self.current[cat] += wall - frame[2]
+                self.current_cpu[cat] += cpu - frame[3]
                 if self.stack:
-                    self.stack[-1][1] += elapsed
+                    self.stack[-1][2] += wall
+                    self.stack[-1][3] += cpu
 
         return timed
 
     def wrap_step(self, fn: Callable) -> Callable:
-        """The step boundary: total time, the rest, and a fresh accumulator."""
+        """The step boundary: total time, the rest, and a fresh accumulator (both clocks)."""
 
         def step(*args: Any, **kwargs: Any) -> Any:
-            self.current = defaultdict(float)
-            t = time.perf_counter()
+            self.current, self.current_cpu = defaultdict(float), defaultdict(float)
+            t, c = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
-            total = time.perf_counter() - t
-            rec = {c: self.current.get(c, 0.0) for c in CATEGORIES if c != "rest"}
-            rec["rest"] = total - sum(rec.values())
-            rec["total"] = total
-            self.steps.append(rec)
+            for steps, cur, total in ((self.steps, self.current, time.perf_counter() - t),
+                                      (self.cpu_steps, self.current_cpu, time.process_time() - c)):
+                rec = {k: cur.get(k, 0.0) for k in CATEGORIES if k != "rest"}
+                rec["rest"] = total - sum(rec.values())
+                rec["total"] = total
+                steps.append(rec)
             return out
 
         return step
@@ -122,8 +131,9 @@ def instrument(trainer: Any, module: Any, timer: StepTimer) -> None:
     trainer.callbacks.append(OptimizerTimer())
 
 
-def profile(steps: int, replay: bool, collect_steps: int, workdir: str) -> list[dict[str, float]]:
-    """One instrumented fit; returns the per-step records."""
+def profile(steps: int, replay: bool, collect_steps: int,
+            workdir: str) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """One instrumented fit; returns the per-step records (wall-clock, process CPU time)."""
     from rerule_lightning.cli.commands import lightning_main, quiet_libraries
 
     quiet_libraries()
@@ -142,7 +152,7 @@ def profile(steps: int, replay: bool, collect_steps: int, workdir: str) -> list[
     timer = StepTimer()
     instrument(cli.trainer, cli.model, timer)
     cli.trainer.fit(cli.model, cli.datamodule)
-    return timer.steps
+    return timer.steps, timer.cpu_steps
 
 
 def summarise(steps: list[dict[str, float]]) -> dict[str, float]:
@@ -176,20 +186,29 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     runs: dict[str, list[dict[str, float]]] = {}
+    cpu_runs: dict[str, list[dict[str, float]]] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        runs["RULE"] = profile(args.steps, False, args.collect_steps, os.path.join(tmp, "rule"))
-        runs["ReRULE"] = profile(args.steps, True, args.collect_steps, os.path.join(tmp, "rerule"))
-    cols = {"RULE": summarise(runs["RULE"]), "ReRULE": summarise(runs["ReRULE"]),
-            "ReRULE hybrid steps": summarise(runs["ReRULE"][args.collect_steps:])}
-    print(f"{args.steps} steps per run, ReRULE collect_steps {args.collect_steps}, torch threads "
-          f"{torch.get_num_threads()}; medians over steps")
-    print(render(cols))
-    for name, m in cols.items():
-        print(f"{name}: non-core share {100 * m['overhead_share']:.1f} % "
-              f"(with the reference pass counted as forward: {100 * m['overhead_share_ref_as_forward']:.1f} %)")
+        runs["RULE"], cpu_runs["RULE"] = profile(args.steps, False, args.collect_steps, os.path.join(tmp, "rule"))
+        runs["ReRULE"], cpu_runs["ReRULE"] = profile(args.steps, True, args.collect_steps,
+                                                     os.path.join(tmp, "rerule"))
+    out: dict[str, Any] = {"args": vars(args), "load_before": load_before, "load_after": os.getloadavg()}
+    for clock, rs in (("wall-clock", runs), ("process CPU time", cpu_runs)):
+        cols = {"RULE": summarise(rs["RULE"]), "ReRULE": summarise(rs["ReRULE"]),
+                "ReRULE hybrid steps": summarise(rs["ReRULE"][args.collect_steps:])}
+        print(f"{clock}: {args.steps} steps per run, ReRULE collect_steps {args.collect_steps}, torch threads "
+              f"{torch.get_num_threads()}; medians over steps; load average {load_before[0]:.2f} before, "
+              f"{out['load_after'][0]:.2f} after")
+        print(render(cols))
+        for name, m in cols.items():
+            print(f"{name}: non-core share {100 * m['overhead_share']:.1f} % "
+                  f"(with the reference pass counted as forward: {100 * m['overhead_share_ref_as_forward']:.1f} %)")
+        key = "medians" if clock == "wall-clock" else "cpu_medians"
+        out[key] = cols
+    out["steps"], out["cpu_steps"] = runs, cpu_runs
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"args": vars(args), "medians": cols, "steps": runs}, f, indent=2)
+            json.dump(out, f, indent=2)
     return 0
 
 

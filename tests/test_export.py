@@ -35,6 +35,13 @@ class FakeHfApi:
         FakeHfApi.calls.append(("upload_folder", {**kw, "files": sorted(os.listdir(kw["folder_path"]))}))
 
 
+def length_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """A TRL-style reward with variance in every group at temperature 2 (the completions' lengths differ), so the
+    adapters get a policy gradient in two steps: the RULE reward can give all-equal groups there, and the KL term
+    alone is exactly 0 when the policy and reference passes share their prompt encoding."""
+    return [float(len(c)) for c in completions]
+
+
 def _fit(tiny: dict, tmp: Path, export: Path, *extra: str) -> int:
     links = tiny["links"]
     return main(["fit", "--config", str(RULE), "--config", str(LORA), "--model.init_args.policy.lora_r", "2",
@@ -68,7 +75,8 @@ def test_merged_export_loads_alone_and_is_pushed(tiny_prepared: dict, tmp_path: 
     export = tmp_path / "export"
     assert _fit(tiny_prepared, tmp_path, export, "--model.init_args.export.merge", "true",
                 "--model.init_args.export.push_to_hub", "someone/rule-tiny",
-                "--model.init_args.stop_token_ids", "[7]") == 0
+                "--model.init_args.stop_token_ids", "[7]",
+                "--model.init_args.reward", "test_export:length_reward") == 0
     assert (export / "model.safetensors").is_file() and not (export / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(str(export))  # plain weights: no peft involved
     assert not hasattr(model, "peft_config")

@@ -125,10 +125,11 @@ def test_shared_prefix_reference_equals_the_full_pass(temperature: float, bucket
     torch.testing.assert_close(logp * m, expected * m, atol=1e-5, rtol=0)
 
 
-def test_module_reference_pass_uses_the_shared_prefix_only_without_grad(monkeypatch) -> None:
+@pytest.mark.parametrize("share_policy", [False, True])
+def test_module_reference_pass_shares_the_prefix_and_the_policy_pass_when_asked(monkeypatch, share_policy) -> None:
     import rerule_lightning.primitives.logprobs as lp
 
-    module = GRPOUnlearningModule(temperature=1.0, beta=0.1)
+    module = GRPOUnlearningModule(temperature=1.0, beta=0.1, share_prompt_prefix=share_policy)
     module.model, module.ref_model = _tiny_lm(0), _tiny_lm(2)
     module.tokenizer = SimpleNamespace(pad_token_id=0)
     prompts = [torch.tensor([1, 5, 6]), torch.tensor([1, 7])]
@@ -143,8 +144,8 @@ def test_module_reference_pass_uses_the_shared_prefix_only_without_grad(monkeypa
         expected = _full_pass(module.ref_model, p_ids, c_ids, c_mask, 1.0)
     assert calls == [1]
     torch.testing.assert_close(ref * m, expected * m, atol=1e-5, rtol=0)
-    policy, _ = module.sequence_logprobs(p_ids, c_ids, c_mask)  # with grad: the full pass
-    assert calls == [1] and policy.requires_grad
+    policy, _ = module.sequence_logprobs(p_ids, c_ids, c_mask)  # with grad: shared only with share_prompt_prefix
+    assert calls == [1, 1][:1 + share_policy] and policy.requires_grad
 
 
 def test_length_buckets_sort_and_split() -> None:

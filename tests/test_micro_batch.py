@@ -51,6 +51,8 @@ class Inject(L.Callback):
 
     def on_train_start(self, trainer, pl_module):  # noqa: D102
         def count(mod, args, kwargs):
+            if kwargs.get("use_cache") and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+                return  # a shared-prefix pass's prompt encoding (one row per distinct prompt): rows are its others
             if not torch.is_inference_mode_enabled():  # not a rollout's generate()
                 self.rows.append((torch.is_grad_enabled(), int(kwargs["input_ids"].size(0))))
 

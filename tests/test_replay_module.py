@@ -37,6 +37,8 @@ class Spy(L.Callback):
 
     def on_train_start(self, trainer, pl_module):  # noqa: D102
         def count(mod, args, kwargs):
+            if kwargs.get("use_cache") and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+                return  # a shared-prefix pass's prompt encoding (one row per distinct prompt): rows are its others
             if torch.is_grad_enabled():
                 self.rows[-1].append(int(kwargs["input_ids"].size(0)))
 

@@ -17,6 +17,7 @@ def sp(monkeypatch: pytest.MonkeyPatch):
     spec.loader.exec_module(mod)
     clock = [0.0]
     monkeypatch.setattr(mod.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(mod.time, "process_time", lambda: clock[0] / 4)  # the process got a quarter of a core
     mod.clock = clock
     return mod
 
@@ -42,6 +43,9 @@ def test_nested_calls_count_exclusive_time_and_the_rest(sp) -> None:
     rec = timer.steps[0]
     assert rec["replay bookkeeping"] == 4.0 and rec["reference log-probs"] == 2.5 and rec["forward"] == 0.5
     assert rec["total"] == 12.0 and rec["rest"] == 5.0 and rec["generation"] == 0.0
+    cpu = timer.cpu_steps[0]  # the same bookkeeping on the CPU clock
+    assert cpu["replay bookkeeping"] == 1.0 and cpu["reference log-probs"] == 0.625 and cpu["forward"] == 0.125
+    assert cpu["total"] == 3.0 and cpu["rest"] == 1.25
 
 
 def test_summary_medians_and_non_core_share(sp) -> None:

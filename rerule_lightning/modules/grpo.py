@@ -176,6 +176,11 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
             ``nonfinite_stop.ckpt`` (in the checkpoint directory, else ``trainer.default_root_dir``).
         export: How ``export_dir`` is written: ``merge`` (Q)LoRA adapters into plain weights, ``push_to_hub``
             a repository, the model card (:class:`~rerule_lightning.primitives.export.ExportConfig`).
+        share_prompt_prefix: Policy pass with each prompt encoded once per group and its keys / values shared by
+            the G completions, backward through the shared prompt
+            (:func:`rerule_lightning.primitives.logprobs.shared_prefix_logprobs`; log-probs and gradients equal
+            the full pass up to float rounding). Where the model cannot take it (gradient checkpointing, no KV
+            cache) the full pass runs, named once in the log. The reference pass always shares.
     """
 
     def __init__(self, policy: PolicyConfig | None = None, reference_path: str | None = None,
@@ -190,7 +195,8 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
                  reward_weights: list[float] | None = None, target_aware: bool = False, recall_threshold: Unit = 0.3,
                  eval_max_new_tokens: Count = 32, seed: int = 0, export_dir: str | None = None,
                  eval_reference: str | None = None, eval_report_path: str | None = None,
-                 max_consecutive_nonfinite: Count = 3, export: ExportConfig | None = None) -> None:
+                 max_consecutive_nonfinite: Count = 3, export: ExportConfig | None = None,
+                 share_prompt_prefix: bool = True) -> None:
         super().__init__()
         errors = range_errors(type(self), locals())
         if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
@@ -259,7 +265,7 @@ class GRPOUnlearningModule(TrainableStateMixin, EvaluationHooks, ReplayHooks, L.
         with ctx:
             return logprobs.completion_logprobs(model, prompt_ids, completion_ids, completion_mask,
                                                 self.tokenizer.pad_token_id, self.hparams.temperature,
-                                                share_prefix=reference)
+                                                share_prefix=reference or self.hparams.share_prompt_prefix)
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

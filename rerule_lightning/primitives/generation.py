@@ -9,6 +9,16 @@ module's settings only and hides the model's own for the duration of the call. `
 only what leaves the distribution unchanged (:data:`ROLLOUT_GENERATION_KWARGS`); :func:`check_generation_kwargs`
 refuses the rest. Only the model's stop ids are kept from its config (:func:`stop_ids`): the tokenizer's EOS ∪ the
 model's ``generation_config.eos_token_id`` ∪ ``stop_token_ids`` end a rollout and a greedy answer alike.
+
+Prefill once (:func:`prefill_once_blocker`, :func:`sample_rollouts`): ``generate(num_return_sequences=G)`` expands
+each prompt G times *before* its prefill, so every prompt is prefilled G times. Instead the B prompts but their last
+token are prefilled once (``[B, P-1]``, positions from the attention mask as ``generate`` computes them), the cache
+is repeated to ``B·G`` rows (``repeat_interleave``, the order ``generate`` expands in) and ``generate`` resumes
+from it on the ``B·G`` expanded prompts, running only the last prompt token and then sampling. Sampling consumes
+the RNG exactly as before (one draw per step over the same ``[B·G, V]`` probabilities; the prefill draws nothing),
+so a seed gives the same completions up to float rounding of the prompt's logits (in practice: the same ones; tested).
+Memory: the prefill's activations are those of B rows instead of B·G; the repeated cache is today's cache, and the
+B-row cache it is copied from (1/G of it) is freed right after.
 """
 
 from __future__ import annotations
@@ -92,14 +102,64 @@ def model_generation_config_hidden(model: Any) -> Iterator[None]:
             m.generation_config = gc
 
 
-def sample_rollouts(model: Any, enc: dict[str, torch.Tensor], generation_config: Any, tokenizer: Any) -> torch.Tensor:
+def prefill_once_blocker(model: Any, enc: dict[str, torch.Tensor], generation_config: Any) -> str | None:
+    """Why the prompts cannot be prefilled once and the cache repeated G times (``None`` when they can)."""
+    from rerule_lightning.primitives.logprobs import cache_argument
+
+    if getattr(generation_config, "num_return_sequences", 1) in (None, 1):
+        return "one completion per prompt"
+    if enc["input_ids"].size(1) < 2:
+        return "one-token prompts"
+    if generation_config.use_cache is False or generation_config.cache_implementation is not None \
+            or getattr(generation_config, "cache_config", None) is not None:
+        return "a cache of generate's own choosing (use_cache / cache_implementation / cache_config)"
+    if cache_argument(model) is None:
+        return "the model's forward takes no KV cache"
+    return None
+
+
+def prefill_prompts(model: Any, enc: dict[str, torch.Tensor], repeats: int) -> Any | None:
+    """The KV cache of every prompt but its last token, computed once and repeated ``repeats`` times per prompt.
+
+    Positions are ``generate``'s (cumulative attention mask − 1, 0 on padding), so resuming ``generate`` from the
+    cache computes exactly what its own prefill of the expanded prompts would. ``None`` when the model returns
+    no cache."""
+    ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]  # [B, P-1]
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.get("cache", None)
+    cache = out.get("past_key_values", None) if cache is None else cache
+    if cache is None:
+        return None
+    cache.batch_repeat_interleave(repeats)  # [B, H, P-1, D] -> [B*G, H, P-1, D] per layer
+    return cache
+
+
+def sample_rollouts(model: Any, enc: dict[str, torch.Tensor], generation_config: Any, tokenizer: Any,
+                    prefill_once: bool = True) -> torch.Tensor:
     """``model.generate`` under ``generation_config`` alone (the model's own generation config hidden).
+
+    With ``prefill_once`` (and nothing in :func:`prefill_once_blocker`'s way) each prompt is prefilled once and its
+    cache repeated for its G rows (module docstring); otherwise ``generate`` expands before prefilling.
 
     Returns:
         ``[B*G, P+T]`` prompt and completion ids.
     """
+    import copy
+
+    from rerule_lightning.primitives.logprobs import cache_argument
+
     extra = {"tokenizer": tokenizer} if getattr(generation_config, "stop_strings", None) else {}
     with model_generation_config_hidden(model):
+        if prefill_once and prefill_once_blocker(model, enc, generation_config) is None:
+            g = int(generation_config.num_return_sequences)
+            cache = prefill_prompts(model, enc, g)
+            if cache is not None:
+                config = copy.deepcopy(generation_config)
+                config.num_return_sequences = 1
+                expanded = {k: v.repeat_interleave(g, 0) for k, v in enc.items()}  # [B*G, P] each
+                return model.generate(**expanded, generation_config=config, **{cache_argument(model): cache},
+                                      **extra)
         return model.generate(**enc, generation_config=generation_config, **extra)
 
 
@@ -176,8 +236,8 @@ def end_at_stop_strings(completion_ids: torch.Tensor, mask: torch.Tensor, tokeni
 def sample_completions(model: Any, tokenizer: Any, prompts: list[str], *, num_generations: int, temperature: float,
                        top_p: float, max_new_tokens: int, stop_token_ids: list[int] | None = None,
                        generation_kwargs: dict[str, Any] | None = None, generation_batch_size: int | None = None,
-                       device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor,
-                                                                   list[str]]:
+                       device: torch.device | str = "cpu", prefill_once: bool = True) -> tuple[
+                           list[torch.Tensor], torch.Tensor, torch.Tensor, list[str]]:
     """G sampled completions per prompt under :func:`rollout_generation_config` alone (GRPO's rollout).
 
     Args:
@@ -193,6 +253,7 @@ def sample_completions(model: Any, tokenizer: Any, prompts: list[str], *, num_ge
         generation_kwargs: Distribution-neutral extras (:data:`ROLLOUT_GENERATION_KWARGS`).
         generation_batch_size: Sequences per ``generate`` call (whole prompts, at least one); ``None``: all.
         device: Where the prompts go.
+        prefill_once: Prefill each prompt once and repeat its cache G times (:func:`sample_rollouts`).
 
     Returns:
         ``(prompt_ids, completion_ids [B*G, T], mask [B*G, T], texts)``: B prompt id tensors ``[P_i]`` (no
@@ -211,7 +272,7 @@ def sample_completions(model: Any, tokenizer: Any, prompts: list[str], *, num_ge
     for i in range(0, len(prompts), per_call):
         enc = encode_prompts(tokenizer, prompts[i: i + per_call], device)
         with torch.inference_mode():
-            out = sample_rollouts(model, enc, config, tokenizer)  # [b*G, P+T], finished rows padded with eos[0]
+            out = sample_rollouts(model, enc, config, tokenizer, prefill_once)  # [b*G, P+T], finished rows padded with eos[0]
         chunks.append(out[:, enc["input_ids"].size(1):].clone())  # [b*G, T] (clone leaves inference mode)
         prompt_ids += [row[m.bool()].clone() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
     model.train(was_training)

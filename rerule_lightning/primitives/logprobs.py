@@ -1,23 +1,36 @@
-"""Per-token log-probs: the chunked, upcast-per-chunk :func:`token_logprobs`, and no-grad completion
-log-probs with each distinct prompt encoded once (the reference pass of a GRPO step).
+"""Per-token log-probs: the chunked, upcast-per-chunk :func:`token_logprobs`, and completion log-probs with each
+distinct prompt encoded once (the reference pass of a GRPO step without gradient, and its policy pass with it).
 
-A GRPO step scores G completions of every prompt. The reference model needs no gradient, so each distinct
-prompt is run once (``[U, P]``), its KV cache is repeated for its G rows, and only the completion tokens
-(``[N, T']``) are run on top of it. Positions, padding and masks are those of the full left-padded pass
-(:func:`rerule_lightning.primitives.rollout.pack_sequences`), so the values equal the full pass up to float rounding;
-the work drops by roughly ``(G − 1) / G`` of the prompt tokens, and by the padding that length-sorted buckets
-of completions avoid.
+A GRPO step scores G completions of every prompt. Each distinct prompt is run once (``[U, P]``), its KV cache is
+selected for its G rows, and only the completion tokens (``[N, T']``) are run on top of it. Positions, padding and
+masks are those of the full left-padded pass (:func:`rerule_lightning.primitives.rollout.pack_sequences`), so the
+values equal the full pass up to float rounding; the work drops by roughly ``(G − 1) / G`` of the prompt tokens,
+and by the padding that length-sorted buckets of completions avoid.
+
+With gradient (the policy pass) the prompt's keys / values stay in the graph: each row's copy is an
+``index_select`` of its prompt's ``[U, H, P, D]`` tensors (a copy per layer and bucket, ``[n, H, P, D]``; the
+cache's own ``torch.cat`` with the completion's keys / values copies once more, as it does in any cached pass), so
+backward sums every row's gradient into its prompt's single forward (``index_add``) and through the prompt's layers
+once. Views would not survive the cache's concatenation, so nothing is gained by them. Where the model cannot take
+it with gradient (no cache / ``logits_to_keep`` argument; gradient checkpointing: a recomputed layer would append
+to the cache twice; active dropout: the G rows would share one mask over their prompt; a model that returns no
+cache) :func:`completion_logprobs` runs the full pass and says so once in the log.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from rerule_lightning.primitives.rollout import pack_sequences
+
+log = logging.getLogger(__name__)
+_FALLBACKS_LOGGED: set[str] = set()
 
 
 class _UpcastLogprob(torch.autograd.Function):
@@ -144,17 +157,54 @@ def length_buckets(lengths: list[int], max_buckets: int = 4, min_rows: int = 16)
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-@torch.no_grad()
+def prefix_share_blocker(model: Any) -> str | None:
+    """Why ``model`` cannot take the shared-prefix pass *with gradient* (``None`` when it can)."""
+    if not supports_prefix_cache(model):
+        return f"{type(model).__name__}.forward takes no KV cache with logits_to_keep"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dropout = model.training and float(getattr(getattr(base, "config", None), "attention_dropout", 0.0) or 0.0) > 0
+    for m in model.modules():  # one pass (transformers' is_activation_checkpointing walks the modules too)
+        if getattr(m, "gradient_checkpointing", False) is True:
+            return "gradient checkpointing is on (a recomputed layer would append to the shared cache twice)"
+        dropout = dropout or (model.training and isinstance(m, torch.nn.Dropout) and m.p > 0)
+    if dropout:
+        return "dropout is active (the G rows would share one dropout mask over their prompt)"
+    return None
+
+
+def log_fallback_once(reason: str) -> None:
+    """Name, once per process and reason, why the policy pass runs the full (unshared) pass."""
+    if reason not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(reason)
+        log.warning("shared-prefix policy pass off, running the full pass: %s", reason)
+
+
+def select_cache_rows(cache: Any, index: Tensor) -> Any:
+    """A cache holding rows ``index`` of ``cache`` (``[U, ...] -> [n, ...]`` per layer), ``cache`` left intact.
+
+    The layers are shallow-copied and re-pointed at ``keys[index]`` / ``values[index]`` (differentiable: the
+    gradient of every row flows back to its prompt's keys / values); a cache without ``layers`` (older
+    transformers) is deep-copied, which only works without gradient."""
+    if hasattr(cache, "layers"):
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        new = copy.deepcopy(cache)
+    new.batch_select_indices(index)
+    return new
+
+
 def shared_prefix_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids: Tensor, completion_mask: Tensor,
                            pad_id: int, temperature: float = 1.0, max_buckets: int = 4,
                            min_rows: int = 16) -> tuple[Tensor, Tensor] | None:
     """Per-token log-probs of completions, each distinct prompt's KV cache computed once and shared.
 
-    The completions run in up to ``max_buckets`` length-sorted buckets, each trimmed to its longest
+    Differentiable when grad is enabled (module docstring: what is copied, how backward flows). The completions run in up to ``max_buckets`` length-sorted buckets, each trimmed to its longest
     completion, so short refusals do not pay for the longest answer's padding.
 
     Args:
-        model: A causal LM (see :func:`supports_prefix_cache`), already in its reference context.
+        model: A causal LM (see :func:`supports_prefix_cache`), already in its context (adapters off for a
+            (Q)LoRA reference).
         prompt_ids: N tensors ``[P_i]`` (repeated objects for rows that share a prompt).
         completion_ids: ``[N, T]`` right-padded completions.
         completion_mask: ``[N, T]``.
@@ -168,8 +218,6 @@ def shared_prefix_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids:
         ``logp`` is 0 on padding beyond a row's bucket length. ``None`` when the model returns no cache (the
         caller then runs the full pass).
     """
-    import copy
-
     uniq, rows = prompt_runs(prompt_ids)
     dev = completion_ids.device
     index = torch.tensor(rows, device=dev)  # [N]
@@ -187,31 +235,31 @@ def shared_prefix_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids:
     prompt_cache = out.get("past_key_values", None) if prompt_cache is None else prompt_cache
     if prompt_cache is None:  # the model declined to cache (transformers < 5 under checkpointing in train mode)
         return None
-    logp = torch.zeros(ids_c.shape, dtype=torch.promote_types(out.logits.dtype, torch.float32), device=dev)  # [N, T']
-    logp[:, :1] = token_logprobs(out.logits[:, -1:][index], ids_c[:, :1], temperature=temperature)  # [N, 1]
+    dtype = torch.promote_types(out.logits.dtype, torch.float32)
+    first = token_logprobs(out.logits[:, -1:][index], ids_c[:, :1], temperature=temperature)  # [N, 1]
+    rest = torch.zeros((ids_c.size(0), t - 1), dtype=dtype, device=dev)  # [N, T'-1]
     name = cache_argument(model)
     for bucket in length_buckets(lengths, max_buckets, min_rows):
         tb = max(max(lengths[i] for i in bucket), 1)
         if tb < 2:
             continue  # only the first token, already scored from the prompt pass
         r = torch.tensor(bucket, device=dev)  # [n]
-        cache = copy.deepcopy(prompt_cache)
-        cache.batch_select_indices(index[r])  # [U, ...] -> [n, ...]
+        cache = select_cache_rows(prompt_cache, index[r])  # [U, H, P, D] -> [n, H, P, D] per layer
         attn = torch.cat([mask_p[index[r]], mask_c[r, :tb].long()], 1)  # [n, P+tb]
         logits = model(input_ids=ids_c[r, :tb], attention_mask=attn, use_cache=True, logits_to_keep=tb,
                        **{name: cache}).logits  # [n, tb, V]: position P+j predicts completion token j+1
-        logp[r, 1:tb] = token_logprobs(logits[:, :-1], ids_c[r, 1:tb], temperature=temperature)  # [n, tb-1]
-    return logp, mask_c  # [N, T'], [N, T']
+        part = token_logprobs(logits[:, :-1], ids_c[r, 1:tb], temperature=temperature)  # [n, tb-1]
+        rest = rest.index_put((r,), torch.nn.functional.pad(part, (0, t - tb)))  # [N, T'-1], out of place
+    return torch.cat([first, rest], 1), mask_c  # [N, T'], [N, T']
 
 
 def completion_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids: Tensor, completion_mask: Tensor,
                         pad_id: int, temperature: float = 1.0, share_prefix: bool = False) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of completions under ``model`` (at the sampling temperature), trimmed to the longest.
 
-    With ``share_prefix``, without gradient, when rows share prompts and the model caches, each distinct prompt is
-    encoded once
-    (:func:`shared_prefix_logprobs`; equal to the full pass up to float rounding: the reference pass of a
-    GRPO step); otherwise one left-padded
+    With ``share_prefix``, when rows share prompts and the model caches, each distinct prompt is encoded once
+    (:func:`shared_prefix_logprobs`; equal to the full pass up to float rounding, gradients included: the
+    reference and the policy passes of a GRPO step); otherwise one left-padded
     pass over prompt + completion, the LM head only on the positions that predict completion tokens
     (``logits_to_keep``) where the model accepts it. The caller enters the model's context (e.g. adapters
     disabled for a (Q)LoRA reference) around the call.
@@ -223,16 +271,24 @@ def completion_logprobs(model: Any, prompt_ids: list[Tensor], completion_ids: Te
         completion_mask: ``[N, T]``.
         pad_id: Padding id of the left-padded prompts.
         temperature: Log-probs of ``logits / temperature``.
-        share_prefix: Whether a no-grad pass may share each prompt's KV cache across its rows.
+        share_prefix: Whether the pass may share each prompt's KV cache across its rows (with gradient only where
+            :func:`prefix_share_blocker` finds nothing in the way; the full pass otherwise, named once in the log).
 
     Returns:
         ``(logp [N, T'], mask [N, T'])``.
     """
-    if (share_prefix and not torch.is_grad_enabled() and len(prompt_runs(prompt_ids)[0]) < len(prompt_ids)
-            and supports_prefix_cache(model)):
-        shared = shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad_id, temperature)
+    if share_prefix and len(prompt_runs(prompt_ids)[0]) < len(prompt_ids):
+        blocker = prefix_share_blocker(model) if torch.is_grad_enabled() else (
+            None if supports_prefix_cache(model) else "no cache")
+        shared = None
+        if blocker is None:
+            shared = shared_prefix_logprobs(model, prompt_ids, completion_ids, completion_mask, pad_id, temperature)
+            if shared is None:
+                blocker = f"{type(model).__name__} returned no KV cache"
         if shared is not None:
             return shared
+        if torch.is_grad_enabled():
+            log_fallback_once(blocker)
     input_ids, attn, p = pack_sequences(prompt_ids, completion_ids, completion_mask, pad_id)
     t = input_ids.size(1) - p
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attn}
