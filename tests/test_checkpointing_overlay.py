@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -63,6 +64,13 @@ def test_every_real_stage_includes_the_checkpoint_overlay(path: Path, no_weight_
         assert {"ResumableCheckpoint", "HardCaseReplayCallback"} <= names
 
 
+def length_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """A TRL-style reward with variance in every group at temperature 2, so the adapters get a policy gradient in a
+    few steps (with both log-prob passes sharing the prompt encoding, the KL term alone is exactly 0 at the start,
+    and the TOFU reward can give all-equal groups on the tiny model)."""
+    return [float(len(c)) for c in completions]
+
+
 def _command(model: str, tmp: Path, name: str, slow: bool) -> list[str]:
     extra = tmp / f"{name}.yaml"
     slow_cb = "    - class_path: slow_callback.Slow\n" if slow else ""
@@ -79,6 +87,7 @@ def _command(model: str, tmp: Path, name: str, slow: bool) -> list[str]:
             "--model.init_args.policy.gradient_checkpointing", "false", "--model.init_args.micro_batch_size", "null",
             "--model.init_args.max_new_tokens", "6", "--model.init_args.num_generations", "2",
             "--model.init_args.temperature", "2.0", "--model.init_args.learning_rate", "0.01",
+            "--model.init_args.reward", "test_checkpointing_overlay:length_reward",
             "--model.init_args.eval_reference", "null", "--model.init_args.export_dir", str(tmp / name / "export"),
             "--data.init_args.source", str(FIXTURE), "--data.init_args.tokenizer", model,
             "--data.init_args.rows_per_author", "3", "--data.init_args.batch_size", "2",
@@ -91,7 +100,7 @@ def _env(tmp: Path) -> dict[str, str]:
     (tmp / "slow_callback.py").write_text(SLOW_CALLBACK)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RERULE_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(tmp), str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     env.pop("RERULE_DEBUG", None)
     return env
 

@@ -56,15 +56,19 @@ def main(argv: list[str] | None = None) -> Any:
 
     with watch_signals():
         try:
-            return _main(argv)
+            rc = _main(argv)
         except BaseException as err:
             ended = _signal_ending(err)
             if ended is None:
                 raise
             return ended
+        # A signal whose KeyboardInterrupt was swallowed (raised inside a finalizer: "Exception ignored in ...")
+        # stopped the loop through trainer.should_stop instead: the same ending line and status.
+        ended = _signal_ending(None)
+        return rc if ended is None else ended
 
 
-def _signal_ending(err: BaseException) -> int | None:  # noqa: ARG001 - any exception, once a signal arrived
+def _signal_ending(err: BaseException | None) -> int | None:  # noqa: ARG001 - any exception, once a signal arrived
     """After SIGTERM / SIGINT, whatever it interrupted: the one line and exit status (143 / 130)."""
     from rerule_lightning.cli import interrupts
 

@@ -47,6 +47,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _on_sigint(signum: int, frame: Any) -> None:
     _state["signal"] = _state["signal"] or "SIGINT"
+    # Python runs a handler between any two bytecodes, a GC finalizer's included, where the KeyboardInterrupt
+    # below is printed and swallowed ("Exception ignored in ..."): the trainer is told to stop at the next batch
+    # end as well, so the command still ends as stopped by SIGINT.
+    trainer = _state["trainer"]
+    if trainer is not None:
+        with contextlib.suppress(Exception):
+            trainer.should_stop = True
     raise KeyboardInterrupt
 
 
