@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from typing import Any
 
 import lightning as L
+
+from benchmarks.timing import PhaseTimer
 
 #: Validation metrics kept per point (the frontier's axes, the constraints and the output classes).
 POINT_METRICS = tuple(f"{s}/{m}" for s in ("forget", "boundary_hard", "boundary_easy", "retain")
@@ -42,7 +43,7 @@ def batch_sequences(module: Any, batch: Any, trainer: L.Trainer) -> float:
     return b * (2.0 if h.get("method") == "idkdpo" else 1.0) + (b if retain else 0.0)
 
 
-class FrontierPoints(L.Callback):
+class FrontierPoints(PhaseTimer):
     """Records every validation as a frontier point; optionally stops the fit at a step or epoch.
 
     Args:
@@ -52,18 +53,14 @@ class FrontierPoints(L.Callback):
     """
 
     def __init__(self, path: str, stop_step: int | None = None, stop_epoch: int | None = None) -> None:
+        super().__init__()  # train_s: training batches only (PhaseTimer)
         self.path, self.stop_step, self.stop_epoch = path, stop_step, stop_epoch
         self.points: list[dict[str, Any]] = []
         self.sequences = 0.0
-        self.train_s = 0.0
-        self._t = 0.0
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.train_s += time.perf_counter() - self._t
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.sequences += batch_sequences(pl_module, batch, trainer)
         if self.stop_step is not None and trainer.global_step >= self.stop_step:
             trainer.should_stop = True
@@ -73,6 +70,7 @@ class FrontierPoints(L.Callback):
             trainer.should_stop = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
         if trainer.sanity_checking:
             return
         cm = trainer.callback_metrics
