@@ -14,8 +14,10 @@ The core is layered, one folder a layer; each layer imports only from the layers
    :mod:`~rerule_lightning.unlearning` (the baselines' losses) and :mod:`~rerule_lightning.evaluation`
    (metrics, suites, the evaluator): siblings that do not import each other;
 3. :mod:`~rerule_lightning.modules`: the LightningModules;
-4. :mod:`~rerule_lightning.tracking` (MLflow, report rows and plots, paired statistics), then
-   :mod:`~rerule_lightning.cli` (the ``rerule`` command, preflight, errors, signals, prepare / pipeline / report).
+4. :mod:`~rerule_lightning.tracking` (MLflow, completions tables, report rows and plots, paired and frontier
+   statistics);
+5. :mod:`~rerule_lightning.cli` (the ``rerule`` command, preflight, errors, signals, prepare / demo / report /
+   attack), the only layer that imports ``datamodules`` and ``callbacks``.
 
 Module paths from before the layout in folders (``rerule_lightning.grpo_module``, ``rerule_lightning.policy``,
 ...) still import, as aliases of the moved modules (the same module objects), so a user's YAML ``class_path``
