@@ -123,6 +123,28 @@ if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
     # (``rerule_lightning.metrics.functional``) would otherwise load a second time under its old name
 
 
+def forwarded_names(package: str, package_file: str, target: str) -> Any:
+    """A module ``__getattr__`` for ``package`` that forwards unknown names to the module ``target``, lazily.
+
+    ``rerule_lightning.cli`` and ``rerule_lightning.tracking`` were modules before the layout in folders and are
+    packages now: their old names (``rerule_lightning.cli.main``, ``rerule_lightning.tracking.ResilientMLFlowLogger``)
+    keep working through this, and importing either package stays cheap. A name that is a submodule's file is left
+    to the import system."""
+    from pathlib import Path
+
+    here = Path(package_file).parent
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__") or (here / f"{name}.py").exists():
+            raise AttributeError(name)  # a submodule: the import system loads it
+        try:
+            return getattr(importlib.import_module(target), name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__
+
+
 def __getattr__(name: str) -> Any:
     target = _EXPORTS.get(name)
     if target is None:

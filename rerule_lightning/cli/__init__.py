@@ -10,16 +10,7 @@ config errors (:mod:`.errors`), signal endings (:mod:`.interrupts`) and the comm
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-from typing import Any
+from rerule_lightning import forwarded_names
 
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__") or (Path(__file__).parent / f"{name}.py").exists():
-        raise AttributeError(name)  # a submodule: the import system loads it
-    commands = importlib.import_module("rerule_lightning.cli.commands")
-    try:
-        return getattr(commands, name)
-    except AttributeError:
-        raise AttributeError(f"module 'rerule_lightning.cli' has no attribute {name!r}") from None
+# the names of the module this package was before the layout in folders, forwarded lazily
+__getattr__ = forwarded_names(__name__, __file__, "rerule_lightning.cli.commands")

@@ -5,18 +5,7 @@ Nothing below imports it; the command layer does."""
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-from typing import Any
+from rerule_lightning import forwarded_names
 
-
-def __getattr__(name: str) -> Any:
-    """``from rerule_lightning.tracking import ResilientMLFlowLogger`` (the module's name before the layout in
-    folders) still works: names of :mod:`.logger` are forwarded lazily."""
-    if name.startswith("__") or (Path(__file__).parent / f"{name}.py").exists():
-        raise AttributeError(name)  # a submodule: the import system loads it
-    logger = importlib.import_module("rerule_lightning.tracking.logger")
-    try:
-        return getattr(logger, name)
-    except AttributeError:
-        raise AttributeError(f"module 'rerule_lightning.tracking' has no attribute {name!r}") from None
+# the names of the module this package was before the layout in folders, forwarded lazily
+__getattr__ = forwarded_names(__name__, __file__, "rerule_lightning.tracking.logger")
