@@ -47,13 +47,15 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _on_sigint(signum: int, frame: Any) -> None:
     _state["signal"] = _state["signal"] or "SIGINT"
-    # Python runs a handler between any two bytecodes, a GC finalizer's included, where the KeyboardInterrupt
-    # below is printed and swallowed ("Exception ignored in ..."): the trainer is told to stop at the next batch
-    # end as well, so the command still ends as stopped by SIGINT.
+    # Python runs a handler between any two bytecodes, a GC finalizer's included, where a KeyboardInterrupt is
+    # printed with its traceback and swallowed ("Exception ignored in ..."). While a fit loop runs, the trainer is
+    # told to stop at the next batch end instead (as Lightning does for SIGTERM); the command then ends as stopped
+    # by SIGINT. Anywhere else (loading, a checkpoint write before the loop) the KeyboardInterrupt is raised.
     trainer = _state["trainer"]
-    if trainer is not None:
+    if trainer is not None and getattr(trainer, "training", False) and not getattr(trainer, "should_stop", True):
         with contextlib.suppress(Exception):
             trainer.should_stop = True
+            return
     raise KeyboardInterrupt
 
 
