@@ -3,6 +3,7 @@
     python benchmarks/frontier.py --threads 1 --output_dir runs/frontier                 # benchmarks/frontier.yaml
     python benchmarks/frontier.py --quick --threads 1 --output_dir runs/frontier_quick   # smoke: 2 seeds, fewer points
     python benchmarks/frontier.py --analyse_only --output_dir runs/frontier              # tables and plots again
+    python benchmarks/frontier.py --analyse_only --inputs runs/a runs/b --output_dir runs/ab  # two processes' runs
 
 One code path for every method (DESIGN §3a), the sweep declared in one file (``--sweep``, default
 ``benchmarks/frontier.yaml``):
@@ -42,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.frontier_analysis import chosen_points, write_outputs  # noqa: E402
+from benchmarks.frontier_analysis import chosen_points, merge_results, write_outputs  # noqa: E402
 from benchmarks.replay import Bench, _evaluate, _lightning, _run_id  # noqa: E402
 
 VAL_SPLITS = ["forget", "boundary_hard", "boundary_easy", "retain"]
@@ -70,27 +71,43 @@ class RunSpec:
         return "".join(c if c.isalnum() else "_" for c in self.key.lower())
 
 
-def _merge_quick(sweep: dict[str, Any]) -> dict[str, Any]:
+PROFILES = ("quick", "budget")
+
+
+def _merge_profile(sweep: dict[str, Any], name: str, path: str) -> dict[str, Any]:
+    """The sweep with its section ``name`` applied: values replace; under ``rl`` / ``baselines``, a ``methods``
+    list keeps only those methods, a ``methods`` mapping keeps only those and replaces their fields (e.g. a
+    baseline's ``grid``) by the ones given."""
+    if not isinstance(sweep.get(name), dict):
+        raise SystemExit(f"benchmarks/frontier.py: error: --profile {name}: {path} has no {name!r} section")
     out = copy.deepcopy(sweep)
-    quick = sweep.get("quick") or {}
-    for k, v in quick.items():
+    for k, v in sweep[name].items():
         if k not in ("rl", "baselines"):
             out[k] = v
             continue
         for kk, vv in v.items():
-            if kk == "methods":
-                out[k]["methods"] = {m: out[k]["methods"][m] for m in vv}
-            else:
+            if kk != "methods":
                 out[k][kk] = vv
+                continue
+            unknown = [m for m in vv if m not in out[k]["methods"]]
+            if unknown:
+                raise SystemExit(f"benchmarks/frontier.py: error: {path}: {name}.{k}.methods: {unknown} are not "
+                                 f"methods of {k} ({list(out[k]['methods'])})")
+            if isinstance(vv, dict):
+                out[k]["methods"] = {m: {**out[k]["methods"][m], **(vv[m] or {})} for m in vv}
+            else:
+                out[k]["methods"] = {m: out[k]["methods"][m] for m in vv}
     return out
 
 
-def load_sweep(path: str, quick: bool = False, methods: list[str] | None = None) -> dict[str, Any]:
-    """The sweep file (``--quick``: its ``quick`` section applied) as ``{"seeds", "preset", "val_items", "runs"}``.
+def load_sweep(path: str, quick: bool = False, methods: list[str] | None = None,
+               profile: str | None = None) -> dict[str, Any]:
+    """The sweep file as ``{"seeds", "preset", "val_items", "runs"}``, with the section ``profile`` applied
+    (``--quick`` is ``--profile quick``).
 
     Raises:
-        SystemExit: The file is missing, a method's entry lacks ``config``, or ``--methods`` names an unknown method
-            (the message names the file and the entry).
+        SystemExit: The file is missing, a method's entry lacks ``config``, ``--methods`` names an unknown method,
+            or the profile is missing or names unknown methods (the message names the file and the entry).
     """
     import yaml
 
@@ -98,7 +115,8 @@ def load_sweep(path: str, quick: bool = False, methods: list[str] | None = None)
         raise SystemExit(f"benchmarks/frontier.py: error: --sweep {path!r}: no such file")
     with open(path) as f:
         raw = yaml.safe_load(f)
-    sweep = _merge_quick(raw) if quick else raw
+    profile = "quick" if quick else profile
+    sweep = _merge_profile(raw, profile, path) if profile else raw
     rl, base = sweep.get("rl") or {"methods": {}}, sweep.get("baselines") or {"methods": {}}
     known = [*rl["methods"], *base["methods"]]
     unknown = [m for m in methods or [] if m not in known]
@@ -224,10 +242,12 @@ class FrontierBench(Bench):
         fit_id = _run_id(cli)
         for rid, stage in ((fit_id, "rerun"), (eval_id, "report")):
             self._tags(rid, spec, seed, stage, step=at)
-        shutil.rmtree(out, ignore_errors=True)  # the exported model: the report is all that is kept
+        if not self.args.keep_models:
+            shutil.rmtree(out, ignore_errors=True)  # the exported model: the report is all that is kept
         rec = {"kind": "report", "key": spec.key, "seed": seed, "at": at, "method": spec.method,
                "report": final, "by_group": by_group, "rerun_select": rerun["select"],
-               "verified": verified, "rerun_validations": used, "fit_s": secs, "run_ids": {"rerun": fit_id, "report": eval_id}}
+               "verified": verified, "rerun_validations": used, "fit_s": secs, "run_ids": {"rerun": fit_id, "report": eval_id},
+               "model_dir": out if self.args.keep_models else None}
         self.save(rec)
         return rec
 
@@ -269,6 +289,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default=DEFAULT_SWEEP, help="the sweep file (methods, knobs, budgets, seeds)")
     ap.add_argument("--quick", action="store_true", help="apply the sweep's `quick` section (2 seeds, fewer points)")
+    ap.add_argument("--profile", choices=PROFILES, default=None,
+                    help="apply that section of the sweep (`budget`: the cut sweep that fits about 2 hours on two "
+                         "processes of the 2-core machine; `quick` = --quick)")
+    ap.add_argument("--keep_models", action="store_true",
+                    help="keep the exported model of every chosen point (<output_dir>/seed<s>/chosen/...; its path "
+                         "in the report record), e.g. for benchmarks/robustness.py --frontier_from")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override the sweep's seeds")
     ap.add_argument("--methods", nargs="+", default=None, help="only these methods of the sweep (RULE is the "
                                                                  "reference of the paired statistics)")
@@ -283,15 +309,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="torch intra-op threads of every stage, pinned so that re-runs repeat exactly "
                          "(default: $RERULE_THREADS, else $OMP_NUM_THREADS, else 2)")
     ap.add_argument("--analyse_only", action="store_true", help="train nothing; rebuild outputs from results.json")
+    ap.add_argument("--inputs", nargs="+", default=None,
+                    help="with --analyse_only: merge the results.json of these output directories (e.g. the RL "
+                         "methods and the baselines, run as two processes) into --output_dir first")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.inputs and not args.analyse_only:
+        raise SystemExit("benchmarks/frontier.py: error: --inputs is for --analyse_only (merging finished runs)")
     if args.analyse_only:
+        if args.inputs:
+            merge_results(args.inputs, args.output_dir)
         write_outputs(args.output_dir)
         return 0
-    sweep = load_sweep(args.sweep, args.quick, args.methods)
+    sweep = load_sweep(args.sweep, args.quick, args.methods, args.profile)
     if args.seeds:
         sweep["seeds"] = list(args.seeds)
     from rerule_lightning.cli.commands import main as cli_main

@@ -189,6 +189,41 @@ def plot_frontiers(summary_points: dict[tuple[str, int], list[dict[str, Any]]], 
     return path
 
 
+def merge_results(inputs: list[str], output_dir: str) -> str:
+    """Write ``<output_dir>/results.json`` holding every record of the ``results.json`` of each input directory
+    (e.g. the RL methods and the baselines run as two processes, each with its own ``--output_dir``); returns
+    its path.
+
+    Raises:
+        SystemExit: An input has no ``results.json``, or two inputs hold the same unit of work (the message
+            names both files and the unit).
+    """
+    runs: list[dict[str, Any]] = []
+    seen: dict[tuple, str] = {}
+    settings = []
+    for d in inputs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"benchmarks/frontier.py: error: --inputs {d!r}: no results.json there")
+        with open(path) as f:
+            data = json.load(f)
+        settings.append({"input": d, **data.get("settings", {})})
+        for r in data["runs"]:
+            unit = (r.get("kind"), r.get("stage"), r.get("key"), r.get("seed"), r.get("at"))
+            if unit in seen and r.get("kind") in ("run", "report"):
+                raise SystemExit(f"benchmarks/frontier.py: error: {path}: {r['kind']} {r['key']!r} seed {r['seed']} "
+                                 f"is also in {seen[unit]}")
+            seen.setdefault(unit, path)
+            runs.append(r)
+    os.makedirs(output_dir, exist_ok=True)
+    out = os.path.join(output_dir, "results.json")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"settings": {"merged": settings}, "runs": runs}, f, indent=1)
+    os.replace(tmp, out)
+    return out
+
+
 def write_outputs(output_dir: str) -> list[str]:
     """``table.md``, ``points.csv`` and the two frontier PNGs from ``<output_dir>/results.json``."""
     with open(os.path.join(output_dir, "results.json")) as f:

@@ -3,11 +3,14 @@
     python benchmarks/robustness.py --models_from runs/baselines --seeds 0 1 2 --threads 1 --output_dir runs/robustness
     python benchmarks/robustness.py --train --seeds 0 1 2 --threads 1 --output_dir runs/robustness   # train first
     python benchmarks/robustness.py --model NPO 0 runs/x/npo --model NPO 1 runs/y/npo               # any models
+    python benchmarks/robustness.py --frontier_from runs/frontier_rl runs/frontier_base   # at matched forgetting
 
 Models: ``--models_from DIR`` reads a ``benchmarks/baselines.py`` output directory (its ``results.json``: the six
 baselines GA, GA+GDR (GradDiff), NPO, SimNPO, IdkDPO, RMU at ``DIR/seed<s>/<method>``; RS, RULE and the default
 ReRULE (``hard_case_fill``) at ``DIR/references/seed<s>/...``); ``--train`` first runs that benchmark into
-``<output_dir>/models`` (resumable); ``--model NAME SEED PATH`` adds any model. The embedded target (before
+``<output_dir>/models`` (resumable); ``--model NAME SEED PATH`` adds any model; ``--frontier_from DIR ...`` takes, from ``benchmarks/frontier.py
+--keep_models`` runs, RS and each method's point chosen under ``--constraint`` (default forget accuracy ≤ 0.05
+with retain ≥ 0.90 on the selection half): every method attacked at matched forgetting. The embedded target (before
 unlearning) and retain (never saw the forget authors) models are attacked as two more rows, the controls
 (``--no_controls`` drops them).
 
@@ -62,6 +65,54 @@ def models_from(directory: str, seeds: list[int]) -> list[tuple[str, int, str]]:
             continue
         sub = "rs" if name == "RS" else os.path.join(r["preset"], _tag(r["stage"]))
         out.append((name, r["seed"], os.path.join(directory, "references", f"seed{r['seed']}", sub)))
+    order = [*REFERENCES, *BASELINES]
+    return sorted(out, key=lambda x: (order.index(x[0]), x[1]))
+
+
+#: benchmarks/frontier.yaml method names attacked by ``--frontier_from`` (as the table names them).
+FRONTIER_METHODS = {"RULE": "RULE", "ReRULE (fill, group adv.)": "ReRULE", "GA": "GA", "GradDiff": "GA+GDR",
+                    "NPO": "NPO", "SimNPO": "SimNPO", "IdkDPO": "IdkDPO", "RMU": "RMU"}
+
+
+def models_from_frontier(directories: list[str], seeds: list[int], constraint: str) -> list[tuple[str, int, str]]:
+    """``(name, seed, path)`` of the models a ``benchmarks/frontier.py --keep_models`` run kept: per method of
+    :data:`FRONTIER_METHODS` and seed, the point chosen under ``constraint`` (selection half, as the frontier
+    table chooses it), and each seed's rejection-steered model (RS). A method that did not reach the constraint on
+    a seed is left out, with a line on stderr.
+
+    Raises:
+        SystemExit: ``constraint`` is not one of the frontier's, a directory has no ``results.json``, or a chosen
+            point's model was not kept (the message names the directory, method, seed and step).
+    """
+    from benchmarks import frontier_analysis as FA
+    from rerule_lightning.tracking.frontier import choose
+
+    by_name = {c.name: c for c in FA.CONSTRAINTS}
+    if constraint not in by_name:
+        raise SystemExit(f"benchmarks/robustness.py: error: --constraint {constraint!r}: choose one of {list(by_name)}")
+    out: list[tuple[str, int, str]] = []
+    for d in directories:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"benchmarks/robustness.py: error: --frontier_from {d!r}: no results.json there")
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        for r in runs:
+            if r.get("stage") == "rejection steering" and r["seed"] in seeds:
+                out.append(("RS", r["seed"], os.path.join(d, f"seed{r['seed']}", "rs")))
+        reports = {(r["key"], r["seed"], r["at"]): r for r in runs if r.get("kind") == "report"}
+        for (method, seed), pts in FA._points([r for r in runs if r.get("kind") == "run"]).items():
+            if method not in FRONTIER_METHODS or seed not in seeds:
+                continue
+            p = choose(pts, by_name[constraint])
+            if p is None:
+                print(f"robustness: {method} seed {seed}: {constraint} not reached, not attacked", file=sys.stderr)
+                continue
+            rep = reports.get((p["key"], seed, p["at"]))
+            if rep is None or not rep.get("model_dir") or not os.path.isdir(rep["model_dir"]):
+                raise SystemExit(f"benchmarks/robustness.py: error: {path}: {method} seed {seed} at {p['at']}: the "
+                                 "chosen model was not kept (run benchmarks/frontier.py with --keep_models)")
+            out.append((FRONTIER_METHODS[method], seed, rep["model_dir"]))
     order = [*REFERENCES, *BASELINES]
     return sorted(out, key=lambda x: (order.index(x[0]), x[1]))
 
@@ -210,6 +261,11 @@ def plot(rows: list[dict[str, Any]], cols: list[str], path: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models_from", default=None, help="a benchmarks/baselines.py output directory")
+    ap.add_argument("--frontier_from", nargs="+", default=None,
+                    help="benchmarks/frontier.py --keep_models output directories: attack RS and each method's point "
+                         "chosen under --constraint (methods at matched forgetting)")
+    ap.add_argument("--constraint", default="forget acc ≤ 0.05",
+                    help="the frontier constraint whose chosen points --frontier_from attacks")
     ap.add_argument("--train", action="store_true", help="run benchmarks/baselines.py into <output_dir>/models first")
     ap.add_argument("--model", nargs=3, action="append", default=[], metavar=("NAME", "SEED", "PATH"),
                     help="attack this model too (repeatable)")
@@ -225,8 +281,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--analyse_only", action="store_true", help="attack nothing; rebuild outputs from results.json")
     args = ap.parse_args(argv)
-    if not (args.analyse_only or args.models_from or args.train or args.model or not args.no_controls):
-        ap.error("nothing to attack: give --models_from, --train or --model")
+    if not (args.analyse_only or args.models_from or args.frontier_from or args.train or args.model
+            or not args.no_controls):
+        ap.error("nothing to attack: give --models_from, --frontier_from, --train or --model")
     return args
 
 
@@ -251,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         models += models_from(src, args.seeds)
     if args.models_from:
         models += models_from(args.models_from, args.seeds)
+    if args.frontier_from:
+        models += models_from_frontier(args.frontier_from, args.seeds, args.constraint)
     models += [(n, int(s), p) for n, s, p in args.model]
     if not args.no_controls:
         links = os.path.join(args.cache_dir, "embedded")

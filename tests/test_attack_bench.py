@@ -63,3 +63,43 @@ def test_robustness_benchmark_end_to_end_on_the_tiny_world(tiny_prepared: dict, 
     assert robustness.main(argv) == 0 and (out / "robustness.md").read_text() == before
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 5
     assert math.isfinite(runs[2]["seconds"])
+
+
+def _frontier_results(d: Path, seed_points: dict, reports: list[tuple[str, int, int]]) -> None:
+    """A hand-made benchmarks/frontier.py results.json: runs with points (forget acc, same-family, retain), reports
+    at ``(key, seed, at)`` with a kept model directory."""
+    runs: list[dict] = [{"stage": "rejection steering", "seed": 0}, {"stage": "rejection steering", "seed": 7}]
+    for (method, seed), pts in seed_points.items():
+        key = f"{method}|learning_rate=0.0001|60"
+        runs.append({"kind": "run", "key": key, "seed": seed, "method": method, "family": "rl", "knobs": {},
+                     "points": [{"step": at, "epoch": 1, "sequences": 8.0 * at, "train_s": 1.0,
+                                 "select": {"forget/answer_accuracy": acc, "boundary_hard/answer_accuracy": fam,
+                                            "retain/answer_accuracy": ret}} for at, acc, fam, ret in pts]})
+    for key, seed, at in reports:
+        model = d / "seed{}".format(seed) / "chosen" / f"m{at}"
+        model.mkdir(parents=True)
+        runs.append({"kind": "report", "key": key, "seed": seed, "at": at, "model_dir": str(model)})
+    (d / "results.json").write_text(json.dumps({"runs": runs}))
+
+
+def test_models_from_frontier_take_the_point_chosen_under_the_constraint(tmp_path: Path, capsys) -> None:
+    # RULE seed 0: step 10 meets acc ≤ 0.05 with same-family 0.6, step 20 meets it with 0.7 but retain 0.8 (a
+    # collapsed point), step 30 is above 0.05: step 10 is chosen. NPO seed 0 never reaches 0.05: left out.
+    _frontier_results(tmp_path, {("RULE", 0): [(10, 0.04, 0.6, 0.95), (20, 0.0, 0.7, 0.8), (30, 0.2, 0.9, 0.99)],
+                                 ("NPO", 0): [(5, 0.3, 0.9, 0.99)],
+                                 ("random replay", 0): [(10, 0.0, 0.9, 0.99)]},  # not a method the table attacks
+                      [("RULE|learning_rate=0.0001|60", 0, 10)])
+    got = robustness.models_from_frontier([str(tmp_path)], [0], "forget acc ≤ 0.05")
+    assert got == [("RS", 0, f"{tmp_path}/seed0/rs"), ("RULE", 0, f"{tmp_path}/seed0/chosen/m10")]
+    assert "NPO seed 0: forget acc ≤ 0.05 not reached" in capsys.readouterr().err
+
+
+def test_models_from_frontier_errors_name_what_is_missing(tmp_path: Path) -> None:
+    _frontier_results(tmp_path, {("RULE", 0): [(10, 0.0, 0.6, 0.95)]}, [])
+    with pytest.raises(SystemExit, match=r"results.json: RULE seed 0 at 10: the chosen model was not kept "
+                                         r"\(run benchmarks/frontier.py with --keep_models\)"):
+        robustness.models_from_frontier([str(tmp_path)], [0], "forget acc ≤ 0.05")
+    with pytest.raises(SystemExit, match=r"--constraint 'acc < 1': choose one of \['refusal ≥ 0.95'"):
+        robustness.models_from_frontier([str(tmp_path)], [0], "acc < 1")
+    with pytest.raises(SystemExit, match=r"--frontier_from '.*nowhere': no results.json there"):
+        robustness.models_from_frontier([str(tmp_path / "nowhere")], [0], "forget acc ≤ 0.05")

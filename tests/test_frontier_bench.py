@@ -52,7 +52,7 @@ def killed_then_resumed(tiny_prepared: dict, one_torch_thread: None, tmp_path_fa
     sweep.write_text(SWEEP)
     cache = str(Path(tiny_prepared["links"]["world"]).parent.parent)
     argv = ["--sweep", str(sweep), "--output_dir", str(tmp / "out"), "--cache_dir", cache, "--no_prepare",
-            "--threads", "1", "--tracking_uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+            "--threads", "1", "--tracking_uri", f"sqlite:///{tmp / 'mlflow.db'}", "--keep_models"]
     mp = pytest.MonkeyPatch()
     mp.setattr(FA, "CONSTRAINTS", (ANY,))
     real = FB._lightning
@@ -120,6 +120,15 @@ def test_points_chosen_points_report_half_and_outputs(killed_then_resumed: dict)
         assert rep["verified"], f"re-run of {rep['key']} to {rep['at']} differs: {rep['rerun_select']}"
         assert rep["rerun_validations"] == "chosen point only"  # validations do not move the training
         assert "holdout/answer_accuracy" in rep["report"] and "forget/degenerate_rate" in rep["report"]
+        assert (Path(rep["model_dir"]) / "config.json").is_file()  # --keep_models: the evaluated model is kept
+    from benchmarks import robustness
+
+    with pytest.MonkeyPatch.context() as mp:  # robustness attacks exactly those kept models (and each seed's RS)
+        mp.setattr(FA, "CONSTRAINTS", (ANY,))
+        attacked = robustness.models_from_frontier([str(out)], [0], "any point")
+    by_method = {rep["method"]: rep["model_dir"] for rep in reports}
+    assert attacked == [("RS", 0, str(out / "seed0" / "rs")), ("RULE", 0, by_method["RULE"]),
+                        ("ReRULE", 0, by_method["ReRULE (fill, group adv.)"]), ("GA+GDR", 0, by_method["GradDiff"])]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=killed_then_resumed["uri"])
@@ -163,7 +172,53 @@ def test_sweep_file_declares_every_method_and_quick_shrinks_it() -> None:
         ("ReRULE (fill, group adv.)", {"learning_rate": 1e-4}, 30), ("ReRULE (fill, group adv.)", {"learning_rate": 4e-4}, 30),
         ("GradDiff", {"learning_rate": 1e-4, "retain_weight": 1}, 10),
         ("NPO", {"learning_rate": 1e-4, "retain_weight": 1, "beta": 0.1}, 10)]
+    budget = FB.load_sweep(FB.DEFAULT_SWEEP, profile="budget")  # the cut sweep that was run (RESULTS §11)
+    assert budget["seeds"] == [0, 1, 2, 3, 4] and (budget["val_every"], budget["val_every_epochs"]) == (5, 3)
+    assert [(r.knobs["learning_rate"], r.budget) for r in budget["runs"] if r.method == "prompt replay"] == [
+        (1e-4, 60), (4e-4, 60)]
+    counts = {m: sum(r.method == m for r in budget["runs"]) for m in dict.fromkeys(r.method for r in budget["runs"])}
+    assert counts == {"RULE": 2, "ReRULE (fill, group adv.)": 2, "ReRULE (add, group adv.)": 2, "random replay": 2,
+                      "prompt replay": 2, "GA": 2, "GradDiff": 3, "NPO": 3, "SimNPO": 3, "IdkDPO": 3, "RMU": 4}
+    npo = [r for r in budget["runs"] if r.method == "NPO"]
+    assert [r.knobs for r in npo] == [{"learning_rate": 3e-4, "retain_weight": w, "beta": 0.1} for w in (1, 5, 20)]
+    assert all(r.budget == 30 and r.extra[:2] == ["--model.init_args.regularizer", "klr"] for r in npo)  # `set` kept
+    assert {r.knobs["beta"] for r in budget["runs"] if r.method == "SimNPO"} == {4.5}
     with pytest.raises(SystemExit, match=r"--methods \['Nope'\]: not in"):
         FB.load_sweep(FB.DEFAULT_SWEEP, methods=["Nope"])
     with pytest.raises(SystemExit, match="no such file"):
         FB.load_sweep("missing.yaml")
+
+
+def test_profile_errors_name_the_file_and_section(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP + "budget:\n  baselines:\n    methods:\n      NPO: {grid: {beta: [0.1]}}\n")
+    with pytest.raises(SystemExit, match=r"--profile quick: .*sweep.yaml has no 'quick' section"):
+        FB.load_sweep(str(sweep), profile="quick")
+    with pytest.raises(SystemExit, match=r"sweep.yaml: budget.baselines.methods: \['NPO'\] are not methods of "
+                                         r"baselines \(\['GradDiff'\]\)"):
+        FB.load_sweep(str(sweep), profile="budget")
+
+
+def _results(d: Path, runs: list[dict]) -> str:
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({"settings": {"x": str(d)}, "runs": runs}))
+    return str(d)
+
+
+def test_merge_results_of_two_processes_and_refuses_a_unit_twice(tmp_path: Path) -> None:
+    rl = [{"stage": "rejection steering", "seed": 0},
+          {"kind": "run", "key": "RULE|lr=1|60", "seed": 0, "points": []},
+          {"kind": "report", "key": "RULE|lr=1|60", "seed": 0, "at": 5}]
+    base = [{"kind": "run", "key": "NPO|lr=3|30", "seed": 0, "points": []},
+            {"kind": "run", "key": "NPO|lr=3|30", "seed": 1, "points": []}]
+    a, b = _results(tmp_path / "a", rl), _results(tmp_path / "b", base)
+    out = FA.merge_results([a, b], str(tmp_path / "ab"))
+    merged = json.loads(Path(out).read_text())
+    assert merged["runs"] == rl + base
+    assert [s["input"] for s in merged["settings"]["merged"]] == [a, b]
+    c = _results(tmp_path / "c", base[1:])
+    with pytest.raises(SystemExit, match=r"c/results.json: run 'NPO\|lr=3\|30' seed 1 is also in .*b/results.json"):
+        FA.merge_results([a, b, c], str(tmp_path / "abc"))
+    assert not (tmp_path / "abc").exists()  # nothing half-written
+    with pytest.raises(SystemExit, match=r"--inputs .*nowhere': no results.json there"):
+        FA.merge_results([a, str(tmp_path / "nowhere")], str(tmp_path / "x"))
