@@ -21,6 +21,7 @@ import os
 import statistics
 from typing import Any
 
+from benchmarks.records import merge_records
 from rerule_lightning.tracking.frontier import (
     CONSTRAINTS,
     FORGET_ACC,
@@ -189,39 +190,24 @@ def plot_frontiers(summary_points: dict[tuple[str, int], list[dict[str, Any]]], 
     return path
 
 
+def _unit(r: dict[str, Any]) -> str | None:
+    if r.get("kind") in ("run", "report"):
+        return f"{r['kind']} {r['key']!r} seed {r['seed']}" + (f" at {r['at']}" if r.get("kind") == "report" else "")
+    if r.get("stage") == "rejection steering":
+        return f"rejection steering seed {r['seed']}"
+    return None
+
+
 def merge_results(inputs: list[str], output_dir: str) -> str:
     """Write ``<output_dir>/results.json`` holding every record of the ``results.json`` of each input directory
     (e.g. the RL methods and the baselines run as two processes, each with its own ``--output_dir``); returns
     its path.
 
     Raises:
-        SystemExit: An input has no ``results.json``, or two inputs hold the same unit of work (the message
-            names both files and the unit).
+        SystemExit: An input has no ``results.json``, or two inputs hold the same unit of work (a run, a report
+            of a run at a step, a seed's rejection steering; the message names both files and the unit).
     """
-    runs: list[dict[str, Any]] = []
-    seen: dict[tuple, str] = {}
-    settings = []
-    for d in inputs:
-        path = os.path.join(d, "results.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"benchmarks/frontier.py: error: --inputs {d!r}: no results.json there")
-        with open(path) as f:
-            data = json.load(f)
-        settings.append({"input": d, **data.get("settings", {})})
-        for r in data["runs"]:
-            unit = (r.get("kind"), r.get("stage"), r.get("key"), r.get("seed"), r.get("at"))
-            if unit in seen and r.get("kind") in ("run", "report"):
-                raise SystemExit(f"benchmarks/frontier.py: error: {path}: {r['kind']} {r['key']!r} seed {r['seed']} "
-                                 f"is also in {seen[unit]}")
-            seen.setdefault(unit, path)
-            runs.append(r)
-    os.makedirs(output_dir, exist_ok=True)
-    out = os.path.join(output_dir, "results.json")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"settings": {"merged": settings}, "runs": runs}, f, indent=1)
-    os.replace(tmp, out)
-    return out
+    return merge_records(inputs, output_dir, _unit, "benchmarks/frontier.py")
 
 
 def write_outputs(output_dir: str) -> list[str]:

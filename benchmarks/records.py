@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 
 class RunRecords:
@@ -32,3 +32,46 @@ class RunRecords:
         with open(tmp, "w") as f:
             json.dump({"settings": vars(self.args), "runs": self.runs}, f, indent=1)
         os.replace(tmp, self.path)
+
+
+def merge_records(inputs: list[str], output_dir: str, unit: Callable[[dict[str, Any]], str | None],
+                  prog: str) -> str:
+    """Write ``<output_dir>/results.json`` holding every record of the ``results.json`` of each input directory
+    (one benchmark run as several processes, each with its own ``--output_dir``); returns its path. Everything is
+    checked before anything is written.
+
+    Args:
+        inputs: Output directories of the processes, in order (their records are concatenated in that order).
+        output_dir: Where the merged file goes (created).
+        unit: Names a record's unit of work (e.g. ``"run 'RULE|lr=1|60' seed 0"``), or ``None`` for records that
+            may repeat; a unit found in two inputs is an error.
+        prog: The program named in error messages.
+
+    Raises:
+        SystemExit: An input has no ``results.json``, or two inputs hold the same unit of work (the message names
+            both files and the unit).
+    """
+    runs: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    settings = []
+    for d in inputs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{prog}: error: --inputs {d!r}: no results.json there")
+        with open(path) as f:
+            data = json.load(f)
+        settings.append({"input": d, **data.get("settings", {})})
+        for r in data["runs"]:
+            name = unit(r)
+            if name is not None and name in seen and seen[name] != path:
+                raise SystemExit(f"{prog}: error: {path}: {name} is also in {seen[name]}")
+            if name is not None:
+                seen.setdefault(name, path)
+            runs.append(r)
+    os.makedirs(output_dir, exist_ok=True)
+    out = os.path.join(output_dir, "results.json")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"settings": {"merged": settings}, "runs": runs}, f, indent=1)
+    os.replace(tmp, out)
+    return out

@@ -4,6 +4,7 @@
     python benchmarks/robustness.py --train --seeds 0 1 2 --threads 1 --output_dir runs/robustness   # train first
     python benchmarks/robustness.py --model NPO 0 runs/x/npo --model NPO 1 runs/y/npo               # any models
     python benchmarks/robustness.py --frontier_from runs/frontier_rl runs/frontier_base   # at matched forgetting
+    python benchmarks/robustness.py --analyse_only --inputs runs/rob_a runs/rob_b --output_dir runs/robustness
 
 Models: ``--models_from DIR`` reads a ``benchmarks/baselines.py`` output directory (its ``results.json``: the six
 baselines GA, GA+GDR (GradDiff), NPO, SimNPO, IdkDPO, RMU at ``DIR/seed<s>/<method>``; RS, RULE and the default
@@ -38,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.records import RunRecords  # noqa: E402
+from benchmarks.records import RunRecords, merge_records  # noqa: E402
 
 #: Baselines (benchmarks/baselines.py METHODS keys) and references (its REFERENCES) attacked by default.
 BASELINES = ["GA", "GA+GDR", "NPO", "SimNPO", "IdkDPO", "RMU"]
@@ -280,7 +281,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--experiment", default="rerule-robustness")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--analyse_only", action="store_true", help="attack nothing; rebuild outputs from results.json")
+    ap.add_argument("--inputs", nargs="+", default=None,
+                    help="with --analyse_only: first merge the results.json of these output directories (the "
+                         "attacks run as several processes) into <output_dir>")
     args = ap.parse_args(argv)
+    if args.inputs and not args.analyse_only:
+        ap.error("--inputs is for --analyse_only (merging finished attacks)")
     if not (args.analyse_only or args.models_from or args.frontier_from or args.train or args.model
             or not args.no_controls):
         ap.error("nothing to attack: give --models_from, --frontier_from, --train or --model")
@@ -290,6 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.analyse_only:
+        if args.inputs:
+            merge_records(args.inputs, args.output_dir, lambda r: f"{r['method']} seed {r['seed']}",
+                          "benchmarks/robustness.py")
         print("\n".join(write_outputs(args.output_dir)))
         return 0
     from rerule_lightning.cli.lightning_cli import pin_threads

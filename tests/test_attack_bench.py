@@ -103,3 +103,28 @@ def test_models_from_frontier_errors_name_what_is_missing(tmp_path: Path) -> Non
         robustness.models_from_frontier([str(tmp_path)], [0], "acc < 1")
     with pytest.raises(SystemExit, match=r"--frontier_from '.*nowhere': no results.json there"):
         robustness.models_from_frontier([str(tmp_path / "nowhere")], [0], "forget acc ≤ 0.05")
+
+
+def _attack_results(d: Path, recs: list[tuple[str, int, float]]) -> str:
+    d.mkdir(parents=True)
+    runs = [{"method": m, "seed": s, "headline": {"greedy forget accuracy": a, "8bit Δ": a / 2}} for m, s, a in recs]
+    (d / "results.json").write_text(json.dumps({"settings": {}, "runs": runs}))
+    return str(d)
+
+
+def test_analyse_only_merges_two_processes_and_refuses_a_model_twice(tmp_path: Path) -> None:
+    # seeds 0 and 1 attacked by one process, seed 2 by another: the merged table has every seed of each method
+    a = _attack_results(tmp_path / "a", [("RULE", 0, 0.0), ("RULE", 1, 0.1)])
+    b = _attack_results(tmp_path / "b", [("RULE", 2, 0.2), ("NPO", 2, 0.5)])
+    out = tmp_path / "ab"
+    assert robustness.main(["--analyse_only", "--inputs", a, b, "--output_dir", str(out)]) == 0
+    assert [(r["method"], r["seed"]) for r in json.loads((out / "results.json").read_text())["runs"]] == [
+        ("RULE", 0), ("RULE", 1), ("RULE", 2), ("NPO", 2)]
+    md = (out / "robustness.md").read_text()
+    assert "| RULE | 3 | 0.100 [" in md and "| NPO | 1 | 0.500 | +0.250 |" in md  # mean of 0, 0.1, 0.2; one seed
+    c = _attack_results(tmp_path / "c", [("NPO", 2, 0.4)])
+    with pytest.raises(SystemExit, match=r"c/results.json: NPO seed 2 is also in .*b/results.json"):
+        robustness.main(["--analyse_only", "--inputs", a, b, c, "--output_dir", str(tmp_path / "abc")])
+    assert not (tmp_path / "abc").exists()
+    with pytest.raises(SystemExit):
+        robustness.main(["--inputs", a, "--output_dir", str(tmp_path / "x")])  # only with --analyse_only
