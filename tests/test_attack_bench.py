@@ -76,7 +76,7 @@ def _frontier_results(d: Path, seed_points: dict, reports: list[tuple[str, int, 
                                  "select": {"forget/answer_accuracy": acc, "boundary_hard/answer_accuracy": fam,
                                             "retain/answer_accuracy": ret}} for at, acc, fam, ret in pts]})
     for key, seed, at in reports:
-        model = d / "seed{}".format(seed) / "chosen" / f"m{at}"
+        model = d / f"seed{seed}" / "chosen" / f"m{at}"
         model.mkdir(parents=True)
         runs.append({"kind": "report", "key": key, "seed": seed, "at": at, "model_dir": str(model)})
     (d / "results.json").write_text(json.dumps({"runs": runs}))
