@@ -79,6 +79,7 @@ def killed_then_resumed(tiny_prepared: dict, one_torch_thread: None, tmp_path_fa
     assert FB.main(argv) == 0
     mp.undo()
     return {"out": tmp / "out", "uri": argv[argv.index("--tracking_uri") + 1], "first": first, "calls": calls, "resumed": resumed,
+            "sweep": str(sweep), "cache": cache, "tmp": tmp,
             "results": json.loads((tmp / "out" / "results.json").read_text())["runs"]}
 
 
@@ -222,3 +223,39 @@ def test_merge_results_of_two_processes_and_refuses_a_unit_twice(tmp_path: Path)
     assert not (tmp_path / "abc").exists()  # nothing half-written
     with pytest.raises(SystemExit, match=r"--inputs .*nowhere': no results.json there"):
         FA.merge_results([a, str(tmp_path / "nowhere")], str(tmp_path / "x"))
+
+
+@pytest.mark.slow
+def test_closest_keeps_the_most_forgetting_point_of_a_method(killed_then_resumed: dict,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import frontier_closest as FC
+    from rerule_lightning.tracking.frontier import FORGET_ACC, closest
+
+    k = killed_then_resumed
+    out = k["tmp"] / "closest"
+    argv = ["--from", str(k["out"]), "--methods", "GradDiff", "--seeds", "0", "--retain_floor", "0.0",
+            "--sweep", k["sweep"], "--output_dir", str(out), "--cache_dir", k["cache"], "--threads", "1",
+            "--tracking_uri", f"sqlite:///{k['tmp'] / 'closest.db'}"]
+    assert FC.main(argv) == 0
+    expected = closest(FA._points([r for r in k["results"] if r.get("kind") == "run" and r["method"] == "GradDiff"])[("GradDiff", 0)], 0.0)
+    [rec] = json.loads((out / "results.json").read_text())["runs"]
+    assert (rec["kind"], rec["key"], rec["at"], rec["verified"]) == ("report", expected["key"], expected["at"], True)
+    assert rec["rerun_select"][FORGET_ACC] == expected["select"][FORGET_ACC]
+    assert (Path(rec["model_dir"]) / "config.json").exists()  # kept for benchmarks/robustness.py --model
+    assert capsys.readouterr().out.strip().endswith(f"--model 'GradDiff (closest)' 0 {rec['model_dir']}")
+    assert FC.main(argv) == 0  # resumed: nothing re-run, nothing added
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
+
+
+def test_closest_refuses_a_missing_frontier_and_its_own_directory(tmp_path: Path) -> None:
+    from benchmarks import frontier_closest as FC
+
+    with pytest.raises(SystemExit, match="--from .*nothing: no results.json"):
+        FC.main(["--from", str(tmp_path / "nothing"), "--methods", "GA"])
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "results.json").write_text('{"runs": []}')
+    with pytest.raises(SystemExit, match="--output_dir must differ from --from"):
+        FC.main(["--from", str(tmp_path / "f"), "--methods", "GA", "--output_dir", str(tmp_path / "f")])
+    with pytest.raises(SystemExit, match="no run of 'GA' on seed 0"):
+        FC.main(["--from", str(tmp_path / "f"), "--methods", "GA", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # refused before anything was written

@@ -12,6 +12,7 @@ from rerule_lightning.tracking.frontier import (
     Constraint,
     best_at,
     choose,
+    closest,
     compute_of,
     frontier,
     frontier_area,
@@ -94,3 +95,15 @@ def test_per_seed_and_compute_of_the_chosen_point() -> None:
     assert chosen[0]["name"] == "b" and chosen[1] is None
     assert compute_of(chosen[0]) == {"sequences": 160.0, "train_s": 16.0}
     assert all(math.isnan(v) for v in compute_of(None).values())
+
+
+def test_closest_is_the_lowest_forget_accuracy_that_keeps_retain() -> None:
+    pts = [pt("a", 0.0, 0.90, acc=0.40), pt("b", 0.0, 0.70, acc=0.10), pt("c", 0.0, 0.80, acc=0.10),
+           pt("d", 0.0, 0.95, acc=0.00, retain=0.60), pt("e", 0.0, 0.99, acc=0.30)]
+    # d forgets most but collapsed retain; b and c tie at 0.10: the higher same-family wins
+    assert closest(pts)["name"] == "c"
+    assert closest(pts, retain_floor=0.5)["name"] == "d"
+    tie = [pt("x", 0.0, 0.80, acc=0.10, seq=300), pt("y", 0.0, 0.80, acc=0.10, seq=200)]
+    assert closest(tie)["name"] == "y"  # then the cheaper
+    assert closest([pt("z", 0.0, 0.9, acc=0.0, retain=0.5)]) is None
+    assert closest([]) is None

@@ -110,6 +110,20 @@ def choose(points: Sequence[Point], constraint: Constraint, y: str = SAME_FAMILY
     return min(ok, key=lambda ip: (-_sel(ip[1], y), _cost(ip[1]), ip[0]))[1]
 
 
+def closest(points: Sequence[Point], retain_floor: float = RETAIN_FLOOR, y: str = SAME_FAMILY) -> Point | None:
+    """For a method that reaches no constraint: the point with the lowest selection-half forget accuracy among
+    those with retain accuracy ``>= retain_floor`` (ties: as :func:`choose`, the higher ``y``, then fewer
+    ``sequences``, then the first given); ``None`` when no point keeps retain accuracy. The same as
+    :func:`choose` under ``forget acc ≤ (that lowest value)``, so it is not a matched point: its forget accuracy is
+    what the method gets to, whatever that is."""
+    accs = [_sel(p, FORGET_ACC) for p in points if _sel(p, RETAIN) >= retain_floor]
+    accs = [a for a in accs if math.isfinite(a)]
+    if not accs:
+        return None
+    lowest = min(accs)
+    return choose(points, Constraint(f"forget acc ≤ {lowest:.3f} (closest)", FORGET_ACC, "<=", lowest, retain_floor), y)
+
+
 def best_at(points: Sequence[Point], r: float, x: str = REFUSAL, y: str = SAME_FAMILY,
             retain_floor: float | None = RETAIN_FLOOR, x_higher_is_better: bool = True) -> float:
     """The frontier's staircase at ``r``: the best ``y`` among points with ``x >= r`` (``x <= r`` when lower ``x`` is
@@ -178,5 +192,5 @@ def per_seed(points: Sequence[Point], statistic: Callable[[Sequence[Point]], flo
 
 
 __all__ = ["AREA_RANGE", "CONSTRAINTS", "Constraint", "FORGET_ACC", "PairedFrontier", "REFUSAL", "RETAIN",
-           "RETAIN_FLOOR", "SAME_FAMILY", "UNRELATED", "best_at", "choose", "compute_of", "frontier",
+           "RETAIN_FLOOR", "SAME_FAMILY", "UNRELATED", "best_at", "choose", "closest", "compute_of", "frontier",
            "frontier_area", "paired_vs_reference", "per_seed"]
