@@ -116,8 +116,7 @@ def closest(points: Sequence[Point], retain_floor: float = RETAIN_FLOOR, y: str 
     ``sequences``, then the first given); ``None`` when no point keeps retain accuracy. The same as
     :func:`choose` under ``forget acc ≤ (that lowest value)``, so it is not a matched point: its forget accuracy is
     what the method gets to, whatever that is."""
-    accs = [_sel(p, FORGET_ACC) for p in points if _sel(p, RETAIN) >= retain_floor]
-    accs = [a for a in accs if math.isfinite(a)]
+    accs = [a for p in points if _sel(p, RETAIN) >= retain_floor and math.isfinite(a := _sel(p, FORGET_ACC))]
     if not accs:
         return None
     lowest = min(accs)
